@@ -1,0 +1,79 @@
+"""The `tuner` command line: thin commands that parse, call one function and print.
+
+Every user error is a `TunerError`, printed here as one line (passwords redacted), with its exit
+code: 2 for usage/config errors, 1 for runtime failures. `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from ..errors import TunerError, redact
+
+app = typer.Typer(
+    name="tuner",
+    help="Hyperparameter tuning of Adam on CIFAR-10: train, sweep, report, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Hyperparameter tuning of Adam on CIFAR-10: train, sweep, report, export."""
+
+
+from . import train as _train  # noqa: E402,F401  (registers its commands on `app`)
+
+for _module in ("sweep", "query", "report", "bench"):
+    try:
+        __import__(f"{__name__}.{_module}")
+    except ModuleNotFoundError as _exc:  # a command group not written yet
+        if _exc.name != f"{__name__}.{_module}":
+            raise
+
+
+def _debug() -> bool:
+    return "--debug" in sys.argv[1:] or os.environ.get("TUNER_DEBUG") == "1"
+
+
+def fail(message: str, code: int) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="tuner", standalone_mode=False)
+    except TunerError as exc:
+        if _debug():
+            traceback.print_exc()
+        fail(str(exc), exc.exit_code)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except typer.TyperException as exc:  # usage errors: bad flag, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)
+            raise SystemExit(2) from None
+        if _debug():
+            traceback.print_exc()
+        fail(exc.format_message(), exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        if _debug():
+            traceback.print_exc()
+        fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
