@@ -51,6 +51,9 @@ def fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tuner prints its own lines
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="tuner", standalone_mode=False)

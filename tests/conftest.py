@@ -1,0 +1,81 @@
+"""Shared fixtures. Optional parts (the real CIFAR-10 subset, PostgreSQL, Chromium, docker-compose)
+skip with a reason on a user's machine; in CI, TUNER_REQUIRE_<PART>=1 turns the skip into a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10-subset.npz"
+PG_ADMIN_URL = os.environ.get("TUNER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def need(part: str, reason: str) -> None:
+    """Skip with `reason`, or fail when CI requires `part` (TUNER_REQUIRE_<PART>=1)."""
+    if os.environ.get(f"TUNER_REQUIRE_{part.upper()}") == "1":
+        pytest.fail(f"{reason} (TUNER_REQUIRE_{part.upper()}=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def subset_path() -> Path:
+    """The shared real CIFAR-10 subset (.npz), or a skip when it is absent."""
+    if not SUBSET.is_file():
+        need("data", f"real CIFAR-10 subset not found at {SUBSET}")
+    return SUBSET
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    try:
+        import sqlalchemy as sa
+
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:  # noqa: BLE001
+        need("postgres", f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__})")
+    name = f"tuner_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'create database "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        need("browser", "headless Chromium not installed (apt-get install chromium)")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `python -m tuner ARGS` as a user would, capturing text output."""
+    full_env = {**os.environ, "TUNER_DEBUG": "0", **(env or {})}
+    full_env.pop("TUNER_STORAGE", None) if env is None or "TUNER_STORAGE" not in env else None
+    return subprocess.run([sys.executable, "-m", "tuner", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path):
+    """`cli(*args)` runs the CLI in a temporary working directory."""
+    def _run(*args: str, **kw):
+        kw.setdefault("cwd", tmp_path)
+        return run_cli(*args, **kw)
+    return _run

@@ -1,0 +1,131 @@
+"""`tuner studies`, `tuner best`, `tuner export` and `tuner dashboard`: read a study storage."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from optuna.trial import TrialState
+
+from ..errors import ConfigError
+from ..export import completed, write_export
+from ..objective import ATTR_PARAMS
+from ..storage import display, open_storage, resolve_url
+from . import app
+from .common import Debug, StorageOpt, console, err_console, interactive, say
+from .sweep import describe
+
+NameArg = Annotated[str, typer.Argument(help="Study name.")]
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    if interactive():
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h)
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        say("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@app.command("studies")
+def studies_command(storage: StorageOpt = None, debug: Debug = False) -> None:
+    """List the studies in a storage: trials by state, best value, last activity."""
+    rdb = open_storage(resolve_url(storage), must_exist=True)
+    rows = []
+    for s in rdb.get_all_studies():
+        trials = rdb.get_all_trials(s._study_id, deepcopy=False)
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        stamps = [d for t in trials for d in (t.datetime_complete, t.datetime_start) if d is not None]
+        last = max(stamps).strftime("%Y-%m-%d %H:%M:%S") if stamps else "-"
+        rows.append([s.study_name, str(len(trials)), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-",
+                     f"{max(values):.4f}" if values else "-", last])
+    if not rows:
+        say(f"no studies in {display(resolve_url(storage))}")
+        return
+    _table("studies", ["name", "trials", "by state", "best", "last activity"], rows)
+
+
+@app.command("best")
+def best_command(name: NameArg, top: Annotated[int, typer.Option("--top", help="How many trials.")] = 1,
+                 storage: StorageOpt = None, debug: Debug = False) -> None:
+    """Show the best COMPLETE trials of a study."""
+    if top < 1:
+        raise ConfigError(f"must be >= 1, got {top}", key="--top")
+    rdb = open_storage(resolve_url(storage), must_exist=True)
+    trials = completed(rdb, name)[:top]
+    if not trials:
+        say(f"study {name!r} has no COMPLETE trial yet")
+        return
+    _table(f"best of {name}", ["rank", "trial", "val_acc", "params"],
+           [[str(i + 1), str(t.number), f"{t.value:.4f}", describe(t.user_attrs.get(ATTR_PARAMS))]
+            for i, t in enumerate(trials)])
+
+
+@app.command("export")
+def export_command(name: NameArg,
+                   output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write here (else stdout).")] = None,
+                   storage: StorageOpt = None, debug: Debug = False) -> None:
+    """Write the best trial's params as YAML that `tuner train` and plain PyTorch read."""
+    rdb = open_storage(resolve_url(storage), must_exist=True)
+    text = write_export(rdb, name, output)
+    if output is None:
+        print(text, end="")
+    else:
+        err_console.print(f"wrote {output}")
+
+
+@app.command("dashboard")
+def dashboard_command(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Bind address; it has no authentication.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    artifact_dir: Annotated[Optional[Path], typer.Option(
+        "--artifact-dir", help="Checkpoint artifact store to show (default: beside a SQLite database).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Serve optuna-dashboard on the same storage (localhost only unless --host says otherwise)."""
+    import optuna_dashboard
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"must be 1..65535, got {port}", key="--port")
+    url = resolve_url(storage)
+    rdb = open_storage(url, must_exist=True)
+    if not _is_loopback(host):
+        err_console.print(f"warning: binding the dashboard to {host}: it has no authentication, "
+                          "anyone who can reach this port can read and change the studies")
+    store = _artifact_store(url, artifact_dir)
+    say(f"optuna-dashboard for {display(url)} at http://{host}:{port}/dashboard/  (Ctrl-C to stop)")
+    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=store)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _artifact_store(url: str, artifact_dir: Path | None):  # noqa: ANN202
+    try:
+        from ..artifacts import artifact_dir_for, open_store
+    except ImportError:  # fault handling (checkpoints as artifacts) not installed yet
+        return None
+    path = artifact_dir or artifact_dir_for(url)
+    return open_store(path) if path is not None and path.exists() else None
+
+

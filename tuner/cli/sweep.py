@@ -1,0 +1,176 @@
+"""`tuner sweep STUDY_FILE` and `tuner worker --study-name NAME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from optuna.trial import FrozenTrial, TrialState
+
+from ..config import load_study_file
+from ..errors import ConfigError
+from ..objective import ATTR_DIVERGED, ATTR_PARAMS
+from ..storage import resolve_url
+from ..sweep import SweepResult, WorkerOptions, run_sweep, run_worker
+from . import app
+from .common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, StorageOpt, console, interactive, say
+
+HeartbeatOpt = Annotated[Optional[int], typer.Option(
+    "--heartbeat-interval", help="Seconds between trial heartbeats [default: study file, else 60].")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Stop taking new trials after S seconds.")]
+
+
+def describe(params: dict[str, Any] | None) -> str:
+    """A short one-line view of a trial's Adam settings."""
+    if not params:
+        return ""
+    o, s, c = params["optimizer"], params["schedule"], params["clipping"]
+    clip = "" if c["mode"] == "none" else f" clip={c['mode']}({c['threshold']:.3g})"
+    warmup = f"+warmup{s['warmup_fraction']:.2f}" if s["warmup_fraction"] else ""
+    return (f"{o['name']} lr={o['lr']:.3g} betas=({o['betas'][0]:.4g}, {o['betas'][1]:.5g}) eps={o['eps']:.2g} "
+            f"wd={o['weight_decay']:.2g} {s['name']}{warmup}{clip}")
+
+
+class SweepProgress:
+    """Per-trial lines, plus a Rich bar on a terminal; fed by callbacks or by polling storage."""
+
+    def __init__(self, total: int | None, quiet: bool = False) -> None:
+        self.total = total
+        self.quiet = quiet
+        self.seen: set[int] = set()
+        self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+        self.best: float | None = None
+        self.bar = None
+        if interactive() and not quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console)
+            self.task = self.bar.add_task("trials", total=total)
+
+    def __enter__(self) -> "SweepProgress":
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+    def trial(self, _study: Any, t: FrozenTrial) -> None:
+        if t.number in self.seen or t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            return
+        self.seen.add(t.number)
+        self.counts[t.state.name] += 1
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            self.best = t.value if self.best is None else max(self.best, t.value)
+        if self.quiet:
+            return
+        state = "DIVERGED" if t.user_attrs.get(ATTR_DIVERGED) else t.state.name
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        value = t.value if t.value is not None else (t.intermediate_values[last] if last else None)
+        secs = t.user_attrs.get("seconds")
+        line = (f"trial {t.number:>3}  {state:<8} "
+                f"{'val_acc ' + format(value, '.4f') if value is not None else 'val_acc   -   '}"
+                f"  epochs {t.user_attrs.get('epochs', last or 0)}  {describe(t.user_attrs.get(ATTR_PARAMS))}"
+                f"{f'  {secs:.1f}s' if secs else ''}  best {self.best if self.best is None else format(self.best, '.4f')}")
+        if t.state == TrialState.FAIL:
+            line += f"  error: {t.user_attrs.get('error') or t.system_attrs.get('fail_reason', '')}".rstrip()
+        if self.bar is not None:
+            self.bar.console.print(line)
+            done = sum(self.counts.values())
+            self.bar.update(self.task, completed=done, description=(
+                f"done {self.counts['COMPLETE']} pruned {self.counts['PRUNED']} failed {self.counts['FAIL']} "
+                f"best {'-' if self.best is None else format(self.best, '.4f')}"))
+        else:
+            say(line)
+
+    def poll(self, trials: list[FrozenTrial]) -> None:
+        for t in sorted(trials, key=lambda t: t.number):
+            self.trial(None, t)
+
+
+def print_summary(result: SweepResult) -> None:
+    counts = {k: v for k, v in result.counts.items() if v}
+    best = result.best
+    if interactive():
+        from rich.table import Table
+
+        table = Table(title=f"study {result.study_name}", show_header=False)
+        table.add_row("storage", result.storage)
+        table.add_row("trials", ", ".join(f"{k.lower()} {v}" for k, v in counts.items()) or "none")
+        table.add_row("wall time", f"{result.wall_seconds:.1f}s")
+        if best is not None:
+            table.add_row("best value", f"{best.value:.4f} (trial {best.number})")
+            table.add_row("best params", describe(best.user_attrs.get(ATTR_PARAMS)))
+        console.print(table)
+        return
+    say(f"study {result.study_name}: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items())
+        + f"; wall time {result.wall_seconds:.1f}s; storage {result.storage}")
+    if best is not None:
+        say(f"best value {best.value:.4f} (trial {best.number}): {describe(best.user_attrs.get(ATTR_PARAMS))}")
+    else:
+        say("no trial completed")
+
+
+@app.command("sweep")
+def sweep_command(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML (see studies/).")],
+    storage: StorageOpt = None,
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Override the file's name.")] = None,
+    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="Total trials in the study.")] = None,
+    timeout: TimeoutOpt = None,
+    workers: Annotated[int, typer.Option("--workers", help="Local worker processes (one per GPU when several).")] = 1,
+    device: DeviceOpt = "auto",
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    heartbeat_interval: HeartbeatOpt = None,
+    debug: Debug = False,
+) -> None:
+    """Run (or continue) an Optuna study over Adam's knobs, pruning hopeless trials."""
+    for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--heartbeat-interval", heartbeat_interval)):
+        if value is not None and value < 1:
+            raise ConfigError(f"must be >= 1, got {value}", key=flag)
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"must be > 0, got {timeout}", key="--timeout")
+    config = load_study_file(study_file)
+    if dataset:
+        from dataclasses import replace
+
+        config = replace(config, training=replace(config.training, dataset=dataset))
+    name = study_name or config.name
+    total = n_trials or config.n_trials
+    say(f"sweep {name}: {total or 'unlimited'} trials of {config.training.model} on {config.training.dataset}, "
+        f"{config.training.epochs} epochs each; sampler {config.sampler.name}, pruner {config.pruner.name}, "
+        f"{workers} worker{'s' if workers > 1 else ''}")
+    opts = WorkerOptions(device=device, data_dir=str(data_dir) if data_dir else None,
+                         heartbeat_interval=heartbeat_interval)
+    with SweepProgress(total) as progress:
+        result = run_sweep(config, storage=storage, study_name=study_name, n_trials=n_trials, timeout=timeout,
+                           workers=workers, opts=opts, on_trial=progress.trial, on_poll=progress.poll)
+    print_summary(result)
+
+
+@app.command("worker")
+def worker_command(
+    study_name: Annotated[str, typer.Option("--study-name", help="The study to join.")],
+    storage: StorageOpt = None,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    timeout: TimeoutOpt = None,
+    heartbeat_interval: HeartbeatOpt = None,
+    worker_index: Annotated[Optional[int], typer.Option("--worker-index", hidden=True)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No per-trial lines.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Join an existing study (from any machine) and run its trials; the config comes from the storage."""
+    url = resolve_url(storage)
+    opts = WorkerOptions(device=device, data_dir=str(data_dir) if data_dir else None, timeout=timeout,
+                         heartbeat_interval=heartbeat_interval, worker_index=worker_index)
+    progress = SweepProgress(None, quiet=quiet)
+    progress.bar = None  # workers print plain lines
+    ran = run_worker(url, study_name, opts, on_trial=progress.trial)
+    if not quiet:
+        say(f"worker done: {ran} trials")
+

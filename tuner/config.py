@@ -1,0 +1,167 @@
+"""Study files: what to sweep, on which data, with which budget, sampler and pruner.
+
+    name: quickstart
+    direction: maximize            # validation accuracy
+    dataset: synthetic
+    model: tiny
+    epochs: 6                      # the budget, and the pruning resource
+    batch_size: 128
+    seed: 0
+    n_trials: 16                   # counts all trials of the study, across workers
+    timeout: null                  # seconds, per sweep run
+    sampler: {name: tpe}           # or just `sampler: tpe`; `options:` pass through to Optuna
+    pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}
+    storage: null                  # optional SQLAlchemy URL
+    heartbeat: {interval: 60}      # optional: interval, grace_period, max_retry
+    training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile
+    space:                         # each knob: a fixed value, {low, high, log}, or {choices: [...]}
+      lr: {low: 1.0e-4, high: 1.0e-1, log: true}
+      one_minus_beta1: {low: 1.0e-3, high: 0.5, log: true}
+      ...
+
+Everything is validated when the file is loaded: unknown keys, wrong types, low > high, a log
+range with low <= 0, and empty choices raise `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .params import DEFAULT_MODEL, TrainingParams
+from .space import SearchSpace, parse_space
+from .validate import Checker, read_yaml
+
+DIRECTIONS = ("maximize",)  # the objective is validation accuracy
+
+
+@dataclass(frozen=True)
+class Component:
+    """A sampler or pruner: a registry name and options passed through to its constructor."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    interval: int = 60  # seconds between a running trial's heartbeats
+    grace_period: int | None = None  # seconds without a heartbeat before a trial is stale (2 × interval)
+    max_retry: int = 3  # how often a crashed trial is queued again
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    space: SearchSpace
+    training: TrainingParams  # the budget: dataset, model, epochs, batch size, seed
+    direction: str = "maximize"
+    sampler: Component = field(default_factory=lambda: Component("tpe"))
+    pruner: Component = field(default_factory=lambda: Component("median"))
+    n_trials: int | None = 20
+    timeout: float | None = None
+    storage: str | None = None
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    source: str | None = None  # the file it came from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, as stored in the study. It never holds the storage URL."""
+        t = asdict(self.training)
+        return {
+            "name": self.name, "direction": self.direction, "dataset": t.pop("dataset"), "model": t.pop("model"),
+            "epochs": t.pop("epochs"), "batch_size": t.pop("batch_size"), "seed": t.pop("seed"),
+            "training": t, "n_trials": self.n_trials, "timeout": self.timeout,
+            "sampler": asdict(self.sampler), "pruner": asdict(self.pruner),
+            "heartbeat": asdict(self.heartbeat), "space": self.space.to_dict(),
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What may not change when a study is continued: space, direction and budget."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
+
+
+TOP_KEYS = ("name", "direction", "dataset", "model", "epochs", "batch_size", "seed", "n_trials", "timeout",
+            "sampler", "pruner", "storage", "heartbeat", "training", "space")
+
+
+def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
+    """Validate a study mapping (from a file, or as stored in a study)."""
+    from .registry import PRUNERS, SAMPLERS  # the registry names are the valid values
+    from .models import MODELS
+
+    c = Checker(data, file=file, prefix="", allowed=TOP_KEYS)
+    if not c.has("name"):
+        raise c.error("name", "is required (the study name)")
+    if not c.has("space"):
+        raise c.error("space", "is required (the search space: at least one knob)")
+    n_trials = c.int("n_trials", 20, ge=1, optional=True)
+    timeout = c.float("timeout", None, gt=0.0, optional=True)
+    if n_trials is None and timeout is None:
+        raise c.error("n_trials", "set n_trials, timeout, or both")
+    extra = Checker(c.raw("training"), file=file, prefix="training",
+                    allowed=("val_fraction", "augment", "precision", "compile"))
+    from .params import _training  # one validator for training settings, shared with params files
+
+    training = _training({
+        "model": c.str("model", DEFAULT_MODEL, choices=sorted(MODELS)), "epochs": c.int("epochs", 10, ge=1),
+        "batch_size": c.int("batch_size", 512, ge=1), "dataset": c.str("dataset", "cifar10"),
+        "seed": c.int("seed", 0, ge=0), **extra.data,
+    }, file)
+    return StudyConfig(
+        name=c.str("name", None),
+        direction=c.str("direction", "maximize", choices=DIRECTIONS),
+        training=training,
+        space=parse_space(c.raw("space"), file=file),
+        sampler=_component(c, "sampler", "tpe", SAMPLERS),
+        pruner=_component(c, "pruner", "median", PRUNERS),
+        n_trials=n_trials,
+        timeout=timeout,
+        storage=c.str("storage", None, optional=True),
+        heartbeat=_heartbeat(c.raw("heartbeat"), file),
+        source=file,
+    )
+
+
+def _component(c: Checker, key: str, default: str, registry: dict[str, Any]) -> Component:
+    raw = c.raw(key, default)
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    sub = Checker(raw, file=c.file, prefix=key, allowed=("name", "options"))
+    name = sub.str("name", default, choices=sorted(registry))
+    options = sub.raw("options") or {}
+    if not isinstance(options, dict):
+        raise sub.error("options", f"must be a mapping of constructor arguments, got {options!r}")
+    for opt in options:
+        if opt in ("seed",):
+            raise sub.error(f"options.{opt}", "is set from the study's top-level `seed`")
+    from .registry import check_options
+
+    problem = check_options(registry[name], options)
+    if problem:
+        raise sub.error("options", problem)
+    return Component(name=name, options=dict(options))
+
+
+def _heartbeat(raw: Any, file: str | None) -> Heartbeat:
+    d = Heartbeat()
+    c = Checker(raw, file=file, prefix="heartbeat", allowed=("interval", "grace_period", "max_retry"))
+    interval = c.int("interval", d.interval, ge=1)
+    grace = c.int("grace_period", None, ge=1, optional=True)
+    if grace is not None and grace < interval:
+        raise c.error("grace_period", f"must be >= interval ({interval}), got {grace}")
+    return Heartbeat(interval=interval, grace_period=grace, max_retry=c.int("max_retry", d.max_retry, ge=0))
+
+
+def load_study_file(path: str | Path) -> StudyConfig:
+    data, name = read_yaml(path)
+    return parse_study(data, file=name)
+
+
+def config_from_stored(data: dict[str, Any], study_name: str) -> StudyConfig:
+    """The config stored in a study (by `tuner sweep`), read back by workers and other commands."""
+    if not isinstance(data, dict):
+        raise ConfigError("has no tuner config; was it created by `tuner sweep`?", key=f"study {study_name!r}")
+    return parse_study(data, file=f"study {study_name!r}")
