@@ -136,7 +136,10 @@ def load_npz(path: Path) -> RawDataset:
     if not path.is_file():
         raise DataError(f"dataset {path}: file not found", exit_code=2)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array under an .npz name
+            raise DataError(f"dataset {path}: not an .npz archive (it holds a single array)", exit_code=2)
+        with loaded as npz:
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in npz.files}
             names = npz["label_names"] if "label_names" in npz.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
