@@ -55,6 +55,33 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for CLI subprocesses of tests that use `one_thread`
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, torch's spinning threads slow tiny models ~50×."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (fast, for error paths): (exit code, stdout, stderr)."""
+    from tuner.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")

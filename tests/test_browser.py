@@ -23,19 +23,10 @@ from tuner.report import render_page, report_sections, write_report
 from tuner.storage import open_storage
 from tuner.sweep import WorkerOptions, run_sweep
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, torch's spinning threads slow tiny models ~50×."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 QUICK = {
     "name": "quick", "direction": "maximize", "dataset": "synthetic:300", "model": "tiny", "epochs": 3,

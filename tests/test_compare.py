@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from conftest import ROOT, run_cli
+from conftest import ONE_THREAD, ROOT, cli_main, run_cli
 from tuner.compare import build_compare, compare_info, knob_descriptions, load_compare, summarize_study, table_rows
 from tuner.config import load_study_file, parse_study
 from tuner.report import study_data_from_trials
@@ -17,31 +17,11 @@ from tuner.sweep import WorkerOptions, run_sweep
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for CLI subprocesses, like the fixture below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, torch's spinning threads slow tiny models ~50×."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def cli_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The CLI in this process (fast, for error paths): (exit code, stdout, stderr)."""
-    from tuner.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 BASE = {
     "direction": "maximize", "dataset": "synthetic:300", "model": "tiny", "epochs": 2, "batch_size": 64, "seed": 0,

@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import run_cli
+from conftest import ONE_THREAD, cli_main, run_cli
 from tuner.config import parse_study
 from tuner.export import ATTR_VERIFY
 from tuner.report import (CONTOUR_PAIRS, MIN_CONTOUR_POINTS, StudyData, build_report, contour_info, curves_info,
@@ -23,31 +23,11 @@ from tuner.sweep import ATTR_CONFIG, WorkerOptions, run_sweep
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for CLI subprocesses, like the fixture below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, torch's spinning threads slow tiny models ~50×."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def cli_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The CLI in this process (fast, for error paths): (exit code, stdout, stderr)."""
-    from tuner.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 TINY = {
     "name": "tiny", "direction": "maximize", "dataset": "synthetic:300", "model": "tiny", "epochs": 3,
