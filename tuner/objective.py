@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from typing import Any, Callable
@@ -11,6 +12,7 @@ import torch
 
 from .config import StudyConfig
 from .data import DeviceData
+from .faults import GracefulStop
 from .space import suggest
 from .train import EpochRecord, TrainResult, train
 
@@ -35,10 +37,30 @@ def plain_train(params: Any, data: DeviceData, *, on_epoch: Callable, trial: opt
     return train(params, data, on_epoch=on_epoch)
 
 
+def record_failures(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """Store the reason of an exception in the trial (user attr `error`); Optuna marks it FAIL."""
+
+    def guarded(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except (optuna.TrialPruned, GracefulStop):  # GracefulStop: a signal; the trial was queued to resume
+            raise
+        except Exception as exc:
+            from .errors import redact
+
+            # UpdateFinishedTrialError: another worker judged this trial stale and failed it
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr(ATTR_ERROR, redact(f"{type(exc).__name__}: {exc}")[:2000])
+            raise
+
+    return guarded
+
+
 class Objective:
     """`objective(trial) -> final val accuracy`. Pruned and diverged trials raise TrialPruned.
 
-    `train_fn` is the engine's `train`; the fault-handling layer wraps it to add checkpoints.
+    `train_fn` is the engine's `train`; workers pass `artifacts.Checkpointer`, which checkpoints
+    every epoch into the study's artifact store and resumes retried trials.
     """
 
     def __init__(self, config: StudyConfig, data: DeviceData,
@@ -62,11 +84,9 @@ class Objective:
 
         try:
             result = self.train_fn(params, self.data, on_epoch=on_epoch, trial=trial)
-        except Exception as exc:
-            trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
-            raise
         finally:
-            trial.set_user_attr(ATTR_SECONDS, time.perf_counter() - started)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr(ATTR_SECONDS, time.perf_counter() - started)
         trial.set_user_attr(ATTR_HISTORY, result.history)
         trial.set_user_attr(ATTR_EPOCHS, result.epochs)
         if result.outcome == "diverged":

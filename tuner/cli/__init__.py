@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts contain [brackets] that are not markup
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -49,6 +50,14 @@ def fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+def _ignore_signals() -> None:
+    """Exiting after a signal: a further Ctrl-C/SIGTERM must not turn exit 130/143 into a traceback."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     import optuna
@@ -60,10 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     except TunerError as exc:
         if _debug():
             traceback.print_exc()
+        if getattr(exc, "signal_exit", False):  # stopped by SIGINT/SIGTERM: 130 / 143, not an error
+            _ignore_signals()
+            print(redact(str(exc)), file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
         fail(str(exc), exc.exit_code)
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
+        _ignore_signals()
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
@@ -74,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         fail(exc.format_message(), exc.exit_code)
     except KeyboardInterrupt:
+        _ignore_signals()
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback

@@ -1,0 +1,230 @@
+"""Malformed input through the real CLI: one line naming the problem, the right exit code, no
+traceback, and nothing created or changed in the study database or the artifact store.
+
+Each case runs in its own copy of a workspace that holds a study database (`tuner.db`, study
+`base`), its artifact store (`tuner.db.artifacts/`), a valid study file and a valid params file.
+The cases run a few at a time (each CLI start imports torch) and are checked one test per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+GOOD_STUDY = {
+    "name": "base", "direction": "maximize", "dataset": "synthetic:200", "model": "tiny", "epochs": 2,
+    "batch_size": 64, "seed": 0, "n_trials": 2, "sampler": "random", "pruner": "none",
+    "space": {"lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "schedule": {"choices": ["constant", "cosine"]}},
+}
+GOOD_PARAMS = {
+    "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0,
+                  "amsgrad": False},
+    "schedule": {"name": "cosine", "warmup_fraction": 0.0},
+    "clipping": {"mode": "none", "threshold": None},
+    "training": {"model": "tiny", "epochs": 1, "batch_size": 64, "dataset": "synthetic:200", "seed": 0},
+}
+MARKER = "PWNED-marker"
+
+
+class Evil:
+    """Unpickling this would run a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _yaml(data: object) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def study(**changes: object) -> str:
+    return _yaml({**GOOD_STUDY, **changes})
+
+
+def params(section: str, **changes: object) -> str:
+    data = {k: dict(v) for k, v in GOOD_PARAMS.items()}
+    data[section].update(changes)
+    return _yaml(data)
+
+
+def _write_npz_corrupt(ws: Path) -> None:
+    (ws / "corrupt.npz").write_bytes(b"PK\x03\x04 this is not really a zip archive" * 10)
+
+
+def _write_npz_shape(ws: Path) -> None:
+    x = np.zeros((120, 28, 28), dtype=np.uint8)  # MNIST-shaped, not 32x32x3
+    y = np.zeros(120, dtype=np.int64)
+    np.savez(ws / "shape.npz", x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+
+
+def _write_ckpt_corrupt(ws: Path) -> None:
+    (ws / "corrupt.pt").write_bytes(os.urandom(4096))
+
+
+def _write_ckpt_tampered(ws: Path) -> None:
+    torch.save({"format": "tuner-checkpoint-v1", "payload": Evil(ws / MARKER)}, ws / "tampered.pt")
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    code: int
+    says: list[str]  # substrings of the one stderr line (case-insensitive)
+    files: dict[str, str] = field(default_factory=dict)
+    setup: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+CASES = [
+    # study files
+    Case("study-yaml-syntax", ["sweep", "bad.yaml"], 2, ["bad.yaml", "yaml syntax error", "line"],
+         files={"bad.yaml": "name: base\nspace: {lr: [1, 2\n"}),
+    Case("study-empty", ["sweep", "bad.yaml"], 2, ["bad.yaml", "empty"], files={"bad.yaml": ""}),
+    Case("study-missing", ["sweep", "nope.yaml"], 2, ["nope.yaml", "not found"]),
+    Case("study-directory", ["sweep", "adir"], 2, ["adir", "directory"], setup=lambda ws: (ws / "adir").mkdir()),
+    Case("study-not-a-mapping", ["sweep", "bad.yaml"], 2, ["bad.yaml", "mapping"], files={"bad.yaml": "- a\n- b\n"}),
+    Case("study-wrong-type", ["sweep", "bad.yaml"], 2, ["epochs", "whole number"], files={"bad.yaml": study(epochs="many")}),
+    Case("study-unknown-key", ["sweep", "bad.yaml"], 2, ["colour", "unknown key"], files={"bad.yaml": study(colour="red")}),
+    Case("study-out-of-range", ["sweep", "bad.yaml"], 2, ["n_trials", ">= 1"], files={"bad.yaml": study(n_trials=0)}),
+    Case("study-unknown-sampler", ["sweep", "bad.yaml"], 2, ["sampler", "annealing"],
+         files={"bad.yaml": study(sampler="annealing")}),
+    Case("study-unknown-pruner", ["sweep", "bad.yaml"], 2, ["pruner", "guillotine"],
+         files={"bad.yaml": study(pruner="guillotine")}),
+    Case("study-unknown-schedule", ["sweep", "bad.yaml"], 2, ["schedule", "warp"],
+         files={"bad.yaml": study(space={"schedule": {"choices": ["cosine", "warp"]}})}),
+    Case("study-unknown-model", ["sweep", "bad.yaml"], 2, ["model", "resnet9000"],
+         files={"bad.yaml": study(model="resnet9000")}),
+    Case("study-heartbeat-grace", ["sweep", "bad.yaml"], 2, ["heartbeat.grace_period"],
+         files={"bad.yaml": study(heartbeat={"interval": 10, "grace_period": 5})}),
+    Case("study-changed-space", ["sweep", "bad.yaml"], 2, ["already exists", "space"],
+         files={"bad.yaml": study(space={"lr": {"low": 1.0e-4, "high": 1.0e-1, "log": True}})}),
+    # params files
+    Case("params-yaml-syntax", ["train", "bad.yaml"], 2, ["bad.yaml", "yaml syntax error"],
+         files={"bad.yaml": "optimizer: {lr: 0.1\n"}),
+    Case("params-wrong-type", ["train", "bad.yaml"], 2, ["optimizer.lr", "number"],
+         files={"bad.yaml": params("optimizer", lr="fast")}),
+    Case("params-unknown-key", ["train", "bad.yaml"], 2, ["optimizer.momentum", "unknown key"],
+         files={"bad.yaml": params("optimizer", momentum=0.9)}),
+    Case("params-out-of-range", ["train", "bad.yaml"], 2, ["optimizer.lr", "> 0"],
+         files={"bad.yaml": params("optimizer", lr=-1)}),
+    Case("params-unknown-schedule", ["train", "bad.yaml"], 2, ["schedule.name", "warp"],
+         files={"bad.yaml": params("schedule", name="warp")}),
+    Case("params-unknown-model", ["train", "bad.yaml"], 2, ["training.model", "resnet9000"],
+         files={"bad.yaml": params("training", model="resnet9000")}),
+    Case("params-bad-override", ["train", "good-params.yaml", "--epochs", "0"], 2, ["--epochs", ">= 1"]),
+    # storage and studies
+    Case("study-name-unknown", ["worker", "--study-name", "nope"], 2, ["study 'nope' not found", "base"]),
+    Case("best-unknown-study", ["best", "nope"], 2, ["study 'nope' not found"]),
+    Case("storage-unreachable", ["studies", "--storage", "postgresql+psycopg://tuner:pw@127.0.0.1:9/db"], 1,
+         ["unreachable", "127.0.0.1"]),
+    Case("storage-bad-scheme", ["studies", "--storage", "mongodb://db.example/x"], 2, ["scheme", "mongodb"]),
+    Case("storage-not-a-url", ["studies", "--storage", "just words"], 2, ["not a sqlalchemy url"]),
+    Case("storage-missing-sqlite", ["studies", "--storage", "sqlite:///missing.db"], 2, ["missing.db"]),
+    Case("storage-password-file-missing", ["studies"], 2, ["TUNER_STORAGE_PASSWORD_FILE"],
+         env={"TUNER_STORAGE_PASSWORD_FILE": "no-such-secret"}),
+    Case("db-retry-bound", ["studies"], 2, ["TUNER_DB_RETRY_SECONDS"], env={"TUNER_DB_RETRY_SECONDS": "-5"}),
+    # flags
+    Case("sweep-n-trials", ["sweep", "good-study.yaml", "--n-trials", "0"], 2, ["--n-trials", ">= 1"]),
+    Case("sweep-keep-policy", ["sweep", "good-study.yaml", "--keep-checkpoints", "all"], 2, ["--keep-checkpoints", "all"]),
+    Case("worker-heartbeat", ["worker", "--study-name", "base", "--heartbeat-interval", "0"], 2, ["--heartbeat-interval"]),
+    Case("dashboard-port", ["dashboard", "--port", "70000"], 2, ["--port"]),
+    Case("unknown-flag", ["sweep", "good-study.yaml", "--frobnicate"], 2, ["--frobnicate"]),
+    # data files
+    Case("npz-corrupt", ["train", "good-params.yaml", "--dataset", "corrupt.npz"], 2, ["corrupt.npz"],
+         setup=_write_npz_corrupt),
+    Case("npz-wrong-shape", ["train", "good-params.yaml", "--dataset", "shape.npz"], 2, ["shape.npz", "shape"],
+         setup=_write_npz_shape),
+    # checkpoints
+    Case("checkpoint-corrupt", ["train", "good-params.yaml", "--checkpoint", "corrupt.pt"], 1,
+         ["corrupt.pt", "corrupt"], setup=_write_ckpt_corrupt),
+    Case("checkpoint-tampered", ["train", "good-params.yaml", "--checkpoint", "tampered.pt"], 1,
+         ["tampered.pt", "refused"], setup=_write_ckpt_tampered),
+]
+
+
+def snapshot(ws: Path) -> dict[str, object]:
+    """Every file (path, size, digest) and the database's rows."""
+    files = {}
+    for p in sorted(ws.rglob("*")):
+        rel = str(p.relative_to(ws))
+        files[rel] = "dir" if p.is_dir() else (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    db = ws / "tuner.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = list(conn.iterdump())
+    return {"files": files, "db": rows}
+
+
+@pytest.fixture(scope="module")
+def base_workspace(tmp_path_factory) -> Path:
+    from tuner.artifacts import artifact_dir_for
+    from tuner.config import parse_study
+    from tuner.sweep import prepare_study
+
+    ws = tmp_path_factory.mktemp("bad-input-base")
+    (ws / "good-study.yaml").write_text(study())
+    (ws / "good-params.yaml").write_text(_yaml(GOOD_PARAMS))
+    url = f"sqlite:///{ws / 'tuner.db'}"
+    prepare_study(parse_study(GOOD_STUDY, file="good-study.yaml"), url, None).engine.dispose()
+    store = artifact_dir_for(url)
+    store.mkdir()
+    (store / "00000000-0000-0000-0000-000000000000").write_bytes(b"a checkpoint artifact")
+    return ws
+
+
+def _run(case: Case, base: Path, root: Path) -> tuple[subprocess.CompletedProcess[str], dict, dict, Path]:
+    ws = root / case.id
+    shutil.copytree(base, ws)
+    for name, text in case.files.items():
+        (ws / name).write_text(text)
+    if case.setup is not None:
+        case.setup(ws)
+    before = snapshot(ws)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNER_")}
+    env.update({"TUNER_DEBUG": "0", "OMP_NUM_THREADS": "1", **case.env})
+    run = subprocess.run([sys.executable, "-m", "tuner", *case.args], cwd=ws, env=env, capture_output=True,
+                         text=True, timeout=240)
+    return run, before, snapshot(ws), ws
+
+
+@pytest.fixture(scope="module")
+def results(base_workspace, tmp_path_factory) -> dict[str, tuple]:
+    root = tmp_path_factory.mktemp("bad-input-cases")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {c.id: pool.submit(_run, c, base_workspace, root) for c in CASES}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, results):
+    run, before, after, ws = results[case.id]
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in run.stderr + run.stdout
+    assert len(lines) == 1, run.stderr
+    line = lines[0].lower()
+    for part in case.says:
+        assert part.lower() in line, (part, lines[0])
+    assert run.returncode == case.code, (run.returncode, lines[0])
+    assert after == before, "the workspace (database, artifact store, files) changed"
+    assert not (ws / MARKER).exists(), "the tampered checkpoint ran code"
+    assert "pw@" not in run.stderr  # a password in a storage URL is never shown

@@ -1,0 +1,555 @@
+"""Fault tolerance with real processes, real PostgreSQL, real kill -9 and signals (GitHub issue 5).
+
+A tiny study (the tiny net on 600 synthetic images, 6 epochs of ~0.1-0.3 s, heartbeat 1 s) keeps
+every test bounded; each wait has a deadline and each subprocess a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import optuna
+import pytest
+import sqlalchemy as sa
+import yaml
+from optuna.trial import TrialState
+
+from conftest import PG_ADMIN_URL, need
+
+pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+
+EPOCHS = 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def study_file(folder: Path, name: str = "faulty", **changes) -> Path:
+    data = {
+        "name": name, "direction": "maximize", "dataset": "synthetic:600", "model": "tiny", "epochs": EPOCHS,
+        "batch_size": 64, "seed": 0, "n_trials": 3, "sampler": {"name": "random"}, "pruner": "none",
+        "heartbeat": {"interval": 1, "grace_period": 3, "max_retry": 3},
+        "space": {"lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}},
+    }
+    data.update(changes)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def env_for(url: str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "TUNER_STORAGE": url, "OMP_NUM_THREADS": "1", "TUNER_DEBUG": "0", **extra}
+    return env
+
+
+class Proc:
+    """`python -m tuner ARGS` in the background, output to files in `folder`."""
+
+    def __init__(self, folder: Path, tag: str, *args: str, env: dict[str, str]) -> None:
+        self.out_path, self.err_path = folder / f"{tag}.out", folder / f"{tag}.err"
+        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
+        self.popen = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=folder, env=env,
+                                      stdout=self._out, stderr=self._err)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            pytest.fail(f"process did not finish in {timeout} s\n{self.output()}")
+        finally:
+            self._out.close()
+            self._err.close()
+
+    def output(self) -> str:
+        return f"--- stdout\n{self.out_path.read_text()}\n--- stderr\n{self.err_path.read_text()}"
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float, every: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # noqa: BLE001 - the database may be briefly unavailable
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if "postgres" in url else {})
+    try:
+        sid = storage.get_study_id_from_name(name)
+        return storage.get_all_trials(sid)
+    finally:
+        storage.engine.dispose()
+
+
+def running_with_checkpoint(url: str, name: str, min_epoch: int = 1, below: int = EPOCHS):
+    for t in trials(url, name):
+        ck = t.user_attrs.get("checkpoint") or {}
+        if t.state == TrialState.RUNNING and min_epoch <= ck.get("epoch", 0) < below:
+            return t
+    return None
+
+
+def superseded(ts: list[optuna.trial.FrozenTrial]) -> set[int]:
+    return {t.system_attrs["retry_history"][-1] for t in ts if t.system_attrs.get("retry_history")}
+
+
+def assert_study_done(url: str, name: str, n: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly n finished trials (the retried ones aside), unique numbers, none RUNNING or WAITING."""
+    ts = trials(url, name)
+    states = [t.state.name for t in ts]
+    numbers = [t.number for t in ts]
+    assert sorted(numbers) == list(range(len(ts))), numbers
+    assert TrialState.RUNNING not in [t.state for t in ts] and TrialState.WAITING not in [t.state for t in ts], states
+    replaced = superseded(ts)
+    counted = [t for t in ts if t.number not in replaced]
+    assert len(counted) == n, states
+    assert all(t.state == TrialState.COMPLETE for t in counted), states
+    assert all(t.state == TrialState.FAIL for t in ts if t.number in replaced), states
+    return ts
+
+
+def create_study(folder: Path, url: str, **changes) -> str:
+    from tuner.config import load_study_file
+    from tuner.sweep import prepare_study
+
+    config = load_study_file(study_file(folder, **changes))
+    prepare_study(config, url, None).engine.dispose()
+    return config.name
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    """A fresh PostgreSQL database whose admin engine survives a server restart (pre-ping)."""
+    try:
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+        with admin.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:  # noqa: BLE001
+        need("postgres", f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__})")
+    name = f"tuner_fault_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'create database "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        wait_for("PostgreSQL back", lambda: _ping(admin), 60, every=0.5)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+        admin.dispose()
+
+
+def _ping(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        conn.execute(sa.text("select 1"))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 in the middle of a trial, at random moments after its first checkpoint
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("seed", [11, 22, 33])
+def test_kill9_mid_trial_then_the_retry_resumes_from_its_checkpoint(tmp_path, pg_url, seed):
+    rng = random.Random(seed)
+    min_epoch, epochs = rng.choice([1, 2, 3]), 10
+    name = create_study(tmp_path, pg_url, epochs=epochs)
+    art = tmp_path / "artifacts"
+    env = env_for(pg_url, TUNER_ARTIFACT_DIR=str(art))
+    first = Proc(tmp_path, "w1", "worker", "--study-name", name, env=env)
+    victim = wait_for("a RUNNING trial with a checkpoint",
+                      lambda: running_with_checkpoint(pg_url, name, min_epoch, 5), 90)
+    time.sleep(rng.uniform(0.0, 0.2))  # a random moment within the trial, after its first checkpoint
+    os.kill(first.popen.pid, signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    at_kill = {t.number: t for t in trials(pg_url, name)}
+    dead = [t for t in at_kill.values() if t.state == TrialState.RUNNING]
+    assert len(dead) == 1, [(t.number, t.state.name) for t in at_kill.values()]
+    dead_trial = dead[0]
+    saved_epoch = dead_trial.user_attrs["checkpoint"]["epoch"]
+    assert saved_epoch >= victim.user_attrs["checkpoint"]["epoch"] >= 1
+    assert any(art.iterdir()), "the killed trial's checkpoint is in the artifact store"
+
+    second = Proc(tmp_path, "w2", "worker", "--study-name", name, env=env)
+    assert second.wait(120) == 0, second.output()
+    assert "Traceback" not in second.stderr()
+
+    ts = assert_study_done(pg_url, name, 3)
+    killed = next(t for t in ts if t.number == dead_trial.number)
+    assert killed.state == TrialState.FAIL
+    retry = next(t for t in ts if t.system_attrs.get("retry_history", [None])[-1] == killed.number)
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == killed.number
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == killed.params
+    assert retry.user_attrs["resumed_from_epoch"] == saved_epoch >= 1
+    assert retry.user_attrs["resumed_from_trial"] == killed.number
+    assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))  # the whole curve
+    assert [h["epoch"] for h in retry.user_attrs["history"]] == list(range(1, epochs + 1))
+    for step, value in killed.intermediate_values.items():  # the resumed curve starts where it stopped
+        if step <= saved_epoch:
+            assert retry.intermediate_values[step] == pytest.approx(value)
+    assert [p.name for p in art.iterdir() if not p.name.startswith(".")] == []  # finished: checkpoints removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("sig, workers, code", [(signal.SIGINT, 1, 130), (signal.SIGTERM, 2, 143)],
+                         ids=["sigint-1-worker", "sigterm-2-workers"])
+def test_signal_stops_at_an_epoch_boundary_and_the_next_run_resumes(tmp_path, pg_url, sig, workers, code):
+    path = study_file(tmp_path, n_trials=4)
+    art = tmp_path / "artifacts"
+    env = env_for(pg_url, TUNER_ARTIFACT_DIR=str(art))
+    run = Proc(tmp_path, "sweep1", "sweep", str(path), "--workers", str(workers), env=env)
+    wait_for("a RUNNING trial with a checkpoint", lambda: running_with_checkpoint(pg_url, "faulty", 1, EPOCHS - 2), 90)
+    run.popen.send_signal(sig)
+    assert run.wait(60) == code, run.output()
+    err = run.stderr()
+    assert "Traceback" not in err and f"interrupted by {sig.name}" in err, err
+
+    ts = trials(pg_url, "faulty")
+    assert TrialState.RUNNING not in [t.state for t in ts], [(t.number, t.state.name) for t in ts]
+    stopped = [t for t in ts if t.user_attrs.get("interrupted")]
+    assert stopped and all(t.state == TrialState.FAIL for t in stopped)
+    waiting = [t for t in ts if t.state == TrialState.WAITING]
+    assert {t.system_attrs["retry_history"][-1] for t in waiting} == {t.number for t in stopped}
+    assert all(t.system_attrs["tuner_interrupted"][-1] == t.system_attrs["retry_history"][-1] for t in waiting)
+    epochs = {t.number: t.user_attrs["checkpoint"]["epoch"] for t in stopped}
+    assert all(1 <= e < EPOCHS for e in epochs.values())
+
+    again = Proc(tmp_path, "sweep2", "sweep", str(path), env=env)
+    assert again.wait(120) == 0, again.output()
+    ts = assert_study_done(pg_url, "faulty", 4)
+    for number, epoch in epochs.items():
+        retry = next(t for t in ts if t.system_attrs.get("retry_history", [None])[-1] == number)
+        assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == epoch
+        assert sorted(retry.intermediate_values) == list(range(1, EPOCHS + 1))
+    assert [p.name for p in art.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.timeout(90)
+def test_a_second_sigint_aborts_at_once(tmp_path, pg_url):
+    # a trial far longer than the test, with epochs of ~1 s: the second signal lands mid-epoch
+    path = study_file(tmp_path, n_trials=2, epochs=200, dataset="synthetic:2500")
+    env = env_for(pg_url, TUNER_ARTIFACT_DIR=str(tmp_path / "artifacts"))
+    run = Proc(tmp_path, "sweep", "sweep", str(path), env=env)
+    wait_for("a RUNNING trial with a checkpoint", lambda: running_with_checkpoint(pg_url, "faulty", 1, 200), 90)
+    run.popen.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    run.popen.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    assert run.wait(20) == 130, run.output()
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in run.stderr() and "aborted by a second SIGINT" in run.stderr(), run.output()
+    ts = trials(pg_url, "faulty")
+    assert TrialState.RUNNING not in [t.state for t in ts]
+    assert [t.state for t in ts if t.state == TrialState.WAITING], "the aborted trial is queued to resume"
+
+
+@pytest.mark.timeout(120)
+def test_a_live_worker_whose_trial_was_judged_stale_goes_on(tmp_path, pg_url):
+    """Another worker failed our trial (say after a long database outage) and queued its retry:
+    the live worker notices at its next epoch, leaves the trial to the copy, and goes on."""
+    from tuner.faults import queue_retry
+    from tuner.storage import open_storage
+
+    name = create_study(tmp_path, pg_url, n_trials=2, epochs=8)
+    env = env_for(pg_url, TUNER_ARTIFACT_DIR=str(tmp_path / "artifacts"))
+    worker = Proc(tmp_path, "w1", "worker", "--study-name", name, env=env)
+    victim = wait_for("a RUNNING trial with a checkpoint", lambda: running_with_checkpoint(pg_url, name, 1, 5), 90)
+    storage = open_storage(pg_url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+    assert queue_retry(study, storage.get_trial(victim._trial_id))
+    storage.engine.dispose()
+    assert worker.wait(90) == 0, worker.output()
+    assert "Traceback" not in worker.stderr() and f"trial {victim.number} was failed by another worker" in worker.stderr()
+    ts = assert_study_done(pg_url, name, 2)
+    retry = next(t for t in ts if t.system_attrs.get("retry_history") == [victim.number])
+    assert retry.user_attrs["resumed_from_epoch"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Database faults
+# ---------------------------------------------------------------------------------------------
+
+def _pg_cluster() -> tuple[str, str]:
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not versions or os.geteuid() != 0:
+        need("postgres", "restarting PostgreSQL needs pg_ctlcluster and root")
+    return versions[-1], "main"
+
+
+@pytest.mark.timeout(180)
+def test_postgres_restart_in_the_middle_of_a_sweep(tmp_path, pg_db):
+    version, cluster = _pg_cluster()
+    path = study_file(tmp_path, n_trials=8, heartbeat={"interval": 1, "grace_period": 30})
+    env = env_for(pg_db, TUNER_ARTIFACT_DIR=str(tmp_path / "artifacts"))
+    run = Proc(tmp_path, "sweep", "sweep", str(path), "--workers", "2", env=env)
+
+    def some_done() -> bool:
+        ts = trials(pg_db, "faulty")
+        return sum(t.state == TrialState.COMPLETE for t in ts) >= 2 and \
+            any(t.state == TrialState.RUNNING for t in ts)
+
+    wait_for("two COMPLETE trials and one RUNNING", some_done, 90)
+    restart = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"],
+                             capture_output=True, text=True, timeout=60)
+    assert restart.returncode == 0, restart.stderr
+    assert run.wait(150) == 0, run.output()
+    assert "Traceback" not in run.stderr()
+    ts = assert_study_done(pg_db, "faulty", 8)
+    assert all(t.state == TrialState.COMPLETE for t in ts)  # no trial lost, none duplicated
+
+
+class TcpProxy:
+    """A TCP relay 127.0.0.1:port -> target. `down()` drops every connection and refuses new ones,
+    like a database host that vanished; `up()` brings it back on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._server: socket.socket | None = None
+
+    def up(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.mark.timeout(150)
+def test_database_down_past_the_retry_bound_exits_1_then_the_study_recovers(tmp_path, pg_url):
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    proxy.up()
+    url = sa.engine.make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        name = create_study(tmp_path, url, n_trials=2, epochs=40)
+        env = env_for(url, TUNER_ARTIFACT_DIR=str(tmp_path / "artifacts"), TUNER_DB_RETRY_SECONDS="3")
+        worker = Proc(tmp_path, "w1", "worker", "--study-name", name, env=env)
+        wait_for("a RUNNING trial with a checkpoint", lambda: running_with_checkpoint(url, name, 1, 40), 90)
+        proxy.down()
+        started = time.monotonic()
+        assert worker.wait(60) == 1, worker.output()
+        assert time.monotonic() - started < 40
+        lines = [ln for ln in worker.stderr().splitlines() if ln.strip()]
+        assert len(lines) == 1 and "unreachable" in lines[0] and "giving up" in lines[0], lines
+        assert "Traceback" not in worker.stderr()
+
+        proxy.up()  # the database is back: a new worker finishes the study, resuming the lost trial
+        env["TUNER_DB_RETRY_SECONDS"] = "30"
+        again = Proc(tmp_path, "w2", "worker", "--study-name", name, env=env)
+        assert again.wait(120) == 0, again.output()
+        ts = assert_study_done(url, name, 2)
+        resumed = [t for t in ts if t.user_attrs.get("resumed_from_epoch")]
+        assert resumed and resumed[0].user_attrs["resumed_from_epoch"] >= 1
+    finally:
+        proxy.down()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process checks of the zombie rule and of retry-safe writes (fast)
+# ---------------------------------------------------------------------------------------------
+
+def _worker_storage(url: str, name: str):
+    from tuner.storage import open_storage
+    from tuner.sweep import ATTR_TARGET, CappedStudy
+
+    storage = open_storage(url, heartbeat_interval=1, grace_period=2, max_retry=3, cap_key=ATTR_TARGET)
+    study = CappedStudy(name, storage, optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner())
+    return storage, study
+
+
+def _age(url: str, trial_id: int, seconds: float) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        then = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=seconds)
+        conn.execute(sa.text("update trials set datetime_start = :t where trial_id = :i"), {"t": then, "i": trial_id})
+    engine.dispose()
+
+
+def test_zombies_without_a_heartbeat_are_reaped_but_live_trials_are_not(tmp_path, pg_url):
+    from tuner.faults import reap
+
+    name = create_study(tmp_path, pg_url, n_trials=10)
+    storage, study = _worker_storage(pg_url, name)
+    sid = study._study_id
+    killed_before_heartbeat = storage.create_new_trial(sid)  # RUNNING, no heartbeat, started long ago
+    _age(pg_url, killed_before_heartbeat, 60)
+    just_started = storage.create_new_trial(sid)  # RUNNING, no heartbeat yet, started now
+    alive = storage.create_new_trial(sid)  # RUNNING, fresh heartbeat
+    storage.record_heartbeat(alive)
+    _age(pg_url, alive, 60)
+    reap(study)
+    reap(study)  # twice, as two workers would: still one retry copy
+    ts = {t._trial_id: t for t in storage.get_all_trials(sid)}
+    assert ts[killed_before_heartbeat].state == TrialState.FAIL
+    assert ts[just_started].state == TrialState.RUNNING and ts[alive].state == TrialState.RUNNING
+    copies = [t for t in ts.values() if t.state == TrialState.WAITING]
+    assert [c.system_attrs["retry_history"] for c in copies] == [[ts[killed_before_heartbeat].number]]
+    storage.engine.dispose()
+
+
+def test_lost_commit_replies_do_not_duplicate_trials_or_claims(tmp_path, pg_url):
+    """A commit that succeeds but whose reply is lost (the connection drops) is retried safely."""
+    import psycopg
+
+    name = create_study(tmp_path, pg_url, n_trials=10)
+    storage, study = _worker_storage(pg_url, name)
+    sid = study._study_id
+    lose = {"n": 0}
+
+    def after_commit(_session) -> None:
+        if lose["n"]:
+            lose["n"] -= 1
+            raise sa.exc.OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the connection"))
+
+    sa.event.listen(sa.orm.Session, "after_commit", after_commit)
+    try:
+        lose["n"] = 1
+        tid = storage.create_new_trial(sid)
+        assert lose["n"] == 0 and len(storage.get_all_trials(sid)) == 1
+        template = optuna.trial.create_trial(state=TrialState.WAITING, params={}, distributions={})
+        waiting = storage.create_new_trial(sid, template_trial=template)
+        lose["n"] = 1
+        assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is True  # claimed once, reply lost
+        assert lose["n"] == 0
+        assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False  # nobody claims it again
+        lose["n"] = 1
+        assert storage.set_trial_state_values(tid, TrialState.COMPLETE, [0.5]) is True
+    finally:
+        sa.event.remove(sa.orm.Session, "after_commit", after_commit)
+    states = sorted(t.state.name for t in storage.get_all_trials(sid))
+    assert states == ["COMPLETE", "RUNNING"]
+    storage.engine.dispose()
+
+
+def test_the_budget_is_checked_in_the_transaction_that_creates_a_trial(tmp_path, pg_url):
+    from tuner.faults import queue_retry
+    from tuner.storage import NoMoreTrials
+
+    name = create_study(tmp_path, pg_url, n_trials=2)
+    storage, study = _worker_storage(pg_url, name)
+    sid = study._study_id
+    a = storage.create_new_trial(sid)
+    storage.create_new_trial(sid)
+    with pytest.raises(NoMoreTrials):
+        storage.create_new_trial(sid)
+    assert queue_retry(study, storage.get_trial(a), interrupted=True) is True  # the copy replaces trial a
+    assert queue_retry(study, storage.get_trial(a), interrupted=True) is False  # at most one copy
+    storage.set_trial_state_values(a, TrialState.FAIL)
+    with pytest.raises(NoMoreTrials):  # still 2: trial a is replaced by its copy
+        storage.create_new_trial(sid)
+    storage.engine.dispose()
+
+
+def test_db_retry_bound_must_be_a_number(tmp_path, cli):
+    run = cli("worker", "--study-name", "x", "--storage", f"sqlite:///{tmp_path}/none.db",
+              env={"TUNER_DB_RETRY_SECONDS": "soon"})
+    assert run.returncode == 2 and "TUNER_DB_RETRY_SECONDS" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_which_database_errors_are_retried():
+    import sqlite3
+
+    import psycopg
+    from psycopg import errors as pg
+
+    from tuner.storage import is_transient
+
+    def wrapped(orig: Exception, cls=sa.exc.OperationalError) -> Exception:
+        try:
+            raise optuna.exceptions.StorageInternalError("commit failed") from cls("SELECT 1", {}, orig)
+        except optuna.exceptions.StorageInternalError as exc:
+            return exc
+
+    assert is_transient(wrapped(psycopg.OperationalError("connection refused")))
+    assert is_transient(wrapped(pg.AdminShutdown("terminating connection due to administrator command")))
+    assert is_transient(wrapped(pg.CannotConnectNow("the database system is starting up")))
+    assert is_transient(wrapped(pg.DeadlockDetected("deadlock detected"), sa.exc.DBAPIError))
+    assert is_transient(wrapped(pg.SerializationFailure("could not serialize access"), sa.exc.DBAPIError))
+    assert is_transient(wrapped(sqlite3.OperationalError("database is locked")))
+    assert not is_transient(wrapped(pg.InvalidPassword("password authentication failed")))
+    assert not is_transient(wrapped(pg.InvalidCatalogName('database "x" does not exist')))
+    assert not is_transient(wrapped(sqlite3.OperationalError("no such table: trials")))
+    assert not is_transient(wrapped(pg.UniqueViolation("duplicate key"), sa.exc.IntegrityError))
+    assert not is_transient(ValueError("Cannot tell a FAIL trial."))
