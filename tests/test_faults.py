@@ -505,7 +505,7 @@ def test_lost_commit_replies_do_not_duplicate_trials_or_claims(tmp_path, pg_url)
 
 def test_the_budget_is_checked_in_the_transaction_that_creates_a_trial(tmp_path, pg_url):
     from tuner.faults import queue_retry
-    from tuner.storage import NoMoreTrials
+    from tuner.resilient import NoMoreTrials
 
     name = create_study(tmp_path, pg_url, n_trials=2)
     storage, study = _worker_storage(pg_url, name)
@@ -534,7 +534,7 @@ def test_which_database_errors_are_retried():
     import psycopg
     from psycopg import errors as pg
 
-    from tuner.storage import is_transient
+    from tuner.resilient import is_transient
 
     def wrapped(orig: Exception, cls=sa.exc.OperationalError) -> Exception:
         try:

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import TunerError
-from .storage import CLAIM_ATTR, INTERRUPTED_ATTR, TOKEN_ATTR, DuplicateRetry
+from .resilient import CLAIM_ATTR, INTERRUPTED_ATTR, TOKEN_ATTR, DuplicateRetry
 
 # user attrs of a failed trial that its retry copy must not inherit
 DROP_USER_ATTRS = ("checkpoint", "resumed_from_epoch", "resumed_from_trial", "error", "seconds", "history",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
-import optuna
 from optuna import pruners, samplers
 
 

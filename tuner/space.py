@@ -125,7 +125,7 @@ def _knob(c: Checker, name: str, raw: Any) -> Knob:
         return Choices(tuple(check(v, f"{key}.choices[{i}]") for i, v in enumerate(choices)))
     sub = Checker(raw, file=c.file, prefix=key, allowed=("low", "high", "log", "step"))
     if spec.kind != "float":
-        raise ConfigError(f"is categorical: give a fixed value or {{choices: [...]}}, not a range",
+        raise ConfigError("is categorical: give a fixed value or {choices: [...]}, not a range",
                           file=c.file, key=key)
     for bound in ("low", "high"):
         if not sub.has(bound):

@@ -35,8 +35,8 @@ from .errors import ConfigError, StorageError, TunerError
 from .faults import Interrupted, Reaper, StopController, queue_retry, reap
 from .objective import Objective, plain_train, record_failures
 from .registry import build_pruner, build_sampler
-from .storage import (CAP_ATTR, NoMoreTrials, ResilientRDBStorage, budget_used, display, open_storage,
-                      require_study, resolve_url)
+from .resilient import CAP_ATTR, NoMoreTrials, ResilientRDBStorage, budget_used
+from .storage import display, open_storage, require_study, resolve_url
 
 ATTR_CONFIG = "tuner_config"  # the resolved study config (no storage URL, ever)
 ATTR_TARGET = CAP_ATTR  # "tuner_n_trials": the current trial budget; workers read it
