@@ -56,6 +56,9 @@ def test_stored_config_and_continuation(tmp_path, cli):
     more = cli("sweep", str(path), "--storage", url, "--n-trials", "5")
     assert more.returncode == 0, more.stderr
     assert_clean_finish(url, "small", 5)
+    ts = trials(url, "small")
+    firsts = [t.params["lr"] for t in ts[:3]]
+    assert all(t.params["lr"] not in firsts for t in ts[3:]), "the continued run re-sampled the first points"
 
 
 @pytest.mark.parametrize("change, key", [

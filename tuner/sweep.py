@@ -293,10 +293,14 @@ def run_sweep(config: StudyConfig, *, storage: str | None = None, study_name: st
     url = resolve_url(storage, config.storage)
     started = time.time()
     rdb = prepare_study(config, url, n_trials, keep_checkpoints=opts.keep_checkpoints)
+    # Sampler seeds: study seed + worker index, offset by the trials already there, so a fresh
+    # study is reproducible and a continued one does not re-sample its first points.
+    base = len(rdb.get_all_trials(rdb.get_study_id_from_name(config.name), deepcopy=False))
     if workers <= 1:
-        ran = run_worker(url, config.name, replace(opts, worker_index=opts.worker_index or 0), on_trial=on_trial)
+        ran = run_worker(url, config.name, replace(opts, worker_index=base + (opts.worker_index or 0)),
+                         on_trial=on_trial)
     else:
-        ran = _run_processes(url, config.name, workers, opts, rdb, on_poll)
+        ran = _run_processes(url, config.name, workers, replace(opts, worker_index=base), rdb, on_poll)
     return summarize(rdb, config.name, url, time.time() - started, ran)
 
 
@@ -335,8 +339,11 @@ def _run_processes(url: str, name: str, workers: int, opts: WorkerOptions, rdb: 
             env.pop("TUNER_STORAGE_PASSWORD_FILE", None)  # the URL has the password already
             if len(gpus) > 1:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            if (opts.device == "cpu" or not gpus) and "OMP_NUM_THREADS" not in os.environ:
+                # CPU workers share the cores: oversubscribed OpenMP threads spin and run ~10× slower
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
             cmd = [sys.executable, "-m", "tuner", "worker", "--study-name", name, "--device", opts.device,
-                   "--worker-index", str(i), "--quiet"]
+                   "--worker-index", str((opts.worker_index or 0) + i), "--quiet"]
             if opts.data_dir:
                 cmd += ["--data-dir", str(opts.data_dir)]
             if opts.timeout:
