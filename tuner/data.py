@@ -255,33 +255,68 @@ def load_dataset(spec: str, device: torch.device | str = "cpu", *, data_dir: str
 
 def clear_cache() -> None:
     _CACHE.clear()
+    _PADDED.clear()
 
 
 # ---------------------------------------------------------------------------------------------
 # Batched augmentation and batching
 # ---------------------------------------------------------------------------------------------
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def pad_nhwc(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """uint8 N×C×H×W → zero-padded, contiguous N×(H+2p)×(W+2p)×C: what `augment` crops from."""
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, index: torch.Tensor | None = None,
+            padded: torch.Tensor | None = None) -> torch.Tensor:
     """Random crop with zero padding `pad` and random horizontal flip, for a whole N×C×H×W batch.
 
-    Works on uint8 (or float) tensors on any device, as two gathers and one `where`.
+    Images are grouped by their (shift, flip) draw, at most (2·pad+1)²·2 = 162 groups, and each
+    group is one sliced copy, so the cost is a few hundred tensor ops per epoch whatever N is (a
+    per-pixel gather needs an index tensor 8× the size of the images). With `index`, augments
+    `x[index]` (the shuffle is part of the copy); `padded` is `pad_nhwc(x, pad)`, cached by the
+    caller. The result is a channels_last N×C×H×W view (what `normalize` and the models want).
     """
-    n, _, h, w = x.shape
+    n = x.shape[0] if index is None else len(index)
+    _, c, h, w = x.shape
     dev = x.device
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device).to(dev)
-    flip = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = shifts[0][:, None] + torch.arange(h, device=dev)[None]  # n×h
-    cols = shifts[1][:, None] + torch.arange(w, device=dev)[None]  # n×w
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # flipping = reading the columns backwards
-    batch = torch.arange(n, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # n×h×w×c
-    return out.permute(0, 3, 1, 2).contiguous()
+    src = pad_nhwc(x, pad) if padded is None else padded
+    index = torch.arange(n, device=dev) if index is None else index
+    span = 2 * pad + 1
+    draws = torch.randint(0, span * span, (n,), generator=generator, device=generator.device)
+    flips = torch.rand(n, generator=generator, device=generator.device) < 0.5
+    group = (draws + span * span * flips).to(dev)
+    order = torch.argsort(group, stable=True)
+    out = torch.empty(n, h, w, c, dtype=x.dtype, device=dev)
+    start = 0
+    for g, count in enumerate(torch.bincount(group, minlength=2 * span * span).tolist()):
+        if not count:
+            continue
+        rows = order[start:start + count]
+        start += count
+        flip, shift = divmod(g, span * span)
+        dy, dx = divmod(shift, span)
+        crop = src[index[rows], dy:dy + h, dx:dx + w]
+        out[rows] = crop.flip(2) if flip else crop
+    return out.permute(0, 3, 1, 2)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 N×C×H×W → float, standardised, channels_last (what the models want)."""
-    return ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+    """uint8 N×C×H×W → float, standardised, channels_last (what the models want). One float
+    buffer, written once and standardised in place (same arithmetic as (x.float() - mean) / std)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+    return out.copy_(x).sub_(mean).div_(std)
+
+
+_PADDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _padded(data: DeviceData) -> torch.Tensor:
+    """The padded NHWC training images, made once per dataset (they are what augment reads)."""
+    key = id(data.x_train)
+    if key not in _PADDED or _PADDED[key][0] is not data.x_train:
+        _PADDED[key] = (data.x_train, pad_nhwc(data.x_train))
+    return _PADDED[key][1]
 
 
 def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
@@ -290,10 +325,11 @@ def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
     (batch norm cannot train on it)."""
     n = len(data.y_train)
     perm = torch.randperm(n, generator=generator, device=generator.device).to(data.device)
-    x = data.x_train[perm]
     y = data.y_train[perm]
     if augment_images:
-        x = augment(x, generator)
+        x = augment(data.x_train, generator, index=perm, padded=_padded(data))
+    else:
+        x = data.x_train[perm]
     for start in range(0, n, batch_size):
         if n - start < 2:
             break
