@@ -1,0 +1,1 @@
+"""Benchmarks of the tuner engine: `python benchmarks/run.py [--quick]` (see benchmarks/README.md)."""

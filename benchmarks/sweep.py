@@ -1,0 +1,173 @@
+"""Sweep-level figures: what a whole `tuner sweep` costs beyond training, what pruning saves,
+trials per hour, and the memory of a sweep process.
+
+Every sweep here is a real `tuner sweep` subprocess on a real storage (a SQLite file, and the
+local PostgreSQL when it is reachable), so process start, imports, dataset loading, sampling,
+storage round trips and model building are all inside the measured wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from .core import ROOT, SUBSET, Context, Measurement, log, rounded
+
+PG_ADMIN = os.environ.get("TUNER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+# The knobs every benchmark sweep searches: quickstart's space.
+SPACE = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())["space"]
+
+
+def _study(folder: Path, name: str, **fields: Any) -> Path:
+    data = {"name": name, "direction": "maximize", "seed": 0, "space": SPACE, **fields}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# `tuner sweep` exactly as the console script runs it, reporting its own peak RSS on exit.
+_RUNNER = ("import resource, sys\n"
+           "from tuner.cli import main\n"
+           "try:\n    main(sys.argv[1:])\n"
+           "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+
+
+def _sweep(study: Path, url: str, cwd: Path) -> tuple[float, float]:
+    """Run `tuner sweep` in a fresh process, as a user would; (wall seconds, its peak RSS in MB)."""
+    env = {k: v for k, v in os.environ.items() if k != "TUNER_STORAGE"}
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", _RUNNER, "sweep", str(study), "--storage", url, "--device", "cpu"],
+                         cwd=cwd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise RuntimeError(f"tuner sweep failed ({run.returncode}): {run.stderr.strip()[-500:]}")
+    rss = [line.split()[1] for line in run.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
+    return wall, int(rss[-1]) / 1024
+
+
+def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def _training_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
+    """Seconds inside training steps and validation passes: the sum of every epoch's `seconds`."""
+    return sum(rec["seconds"] for t in trials for rec in t.user_attrs.get("history", []))
+
+
+def _pg_database() -> tuple[str, Any] | None:
+    try:
+        import sqlalchemy as sa
+
+        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        name = f"tuner_bench_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'create database "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        log(f"PostgreSQL not available ({type(exc).__name__}); skipping its overhead")
+        return None
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+        admin.dispose()
+
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def sweep_overhead(ctx: Context) -> Measurement:
+    """A sweep whose trials last about 2 s (the tiny net, 4,000 synthetic images, 5 epochs, no
+    pruning): the fraction of the sweep's wall time spent outside training steps and validation
+    passes, and the per-trial overhead in ms on SQLite and on PostgreSQL."""
+    n = ctx.pick(12, 30)
+    fields = dict(dataset="synthetic", model="tiny", epochs=5, batch_size=128, n_trials=n,
+                  sampler={"name": "tpe"}, pruner="none")
+    values: dict[str, Any] = {}
+    details: dict[str, Any] = {"n_trials": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        study = _study(folder, "overhead", **fields)
+        backends = [("sqlite", f"sqlite:///{folder / 'bench.db'}", None)]
+        pg = _pg_database()
+        if pg is not None:
+            backends.append(("postgres", pg[0], pg[1]))
+        try:
+            for backend, url, _ in backends:
+                log(f"sweep overhead: {n} trials on {backend}")
+                wall, _rss = _sweep(study, url, folder)
+                trials = _trials(url, "overhead")
+                train = _training_seconds(trials)
+                overhead = wall - train
+                details[backend] = {"wall_s": rounded(wall), "training_s": rounded(train),
+                                    "trial_s": rounded(train / len(trials)), "trials": len(trials)}
+                values[f"sweep_overhead_ms_per_trial_{backend}"] = rounded(1000 * overhead / len(trials))
+                if backend == "sqlite":
+                    values["sweep_overhead_fraction"] = rounded(overhead / wall)
+        finally:
+            if pg is not None:
+                pg[1]()
+    values.setdefault("sweep_overhead_ms_per_trial_postgres", None)
+    return Measurement(values=values, details=details,
+                       note="1 - Σ epoch seconds / wall of a `tuner sweep` subprocess (start-up included)")
+
+
+def pruning_savings(ctx: Context) -> Measurement:
+    """1 − epochs trained with the default pruner ÷ epochs without pruning, same sampler seed
+    and trial count, on the real CIFAR-10 subset; with the best validation accuracy of each."""
+    if not SUBSET.is_file():
+        return Measurement(values={"pruning_savings": None}, skipped=f"real subset not found at {SUBSET}")
+    n = ctx.pick(24, 40)
+    fields = dict(dataset=str(SUBSET), model="tiny", epochs=ctx.pick(6, 8), batch_size=128, n_trials=n,
+                  sampler={"name": "tpe"})
+    values: dict[str, Any] = {}
+    details: dict[str, Any] = {"n_trials": n, "epochs": fields["epochs"], "model": "tiny"}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        runs = {}
+        for label, pruner in (("pruned", None), ("unpruned", "none")):
+            extra = {} if pruner is None else {"pruner": pruner}  # None: the study default
+            study = _study(folder, label, **fields, **extra)
+            url = f"sqlite:///{folder / (label + '.db')}"
+            log(f"pruning savings: {n} trials, {label}")
+            wall, _ = _sweep(study, url, folder)
+            trials = _trials(url, label)
+            epochs = sum(len(t.intermediate_values) for t in trials)
+            complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+            runs[label] = {"epochs": epochs, "best": max(complete) if complete else None, "wall_s": rounded(wall),
+                           "pruned": sum(t.state == TrialState.PRUNED for t in trials), "trials": len(trials)}
+        details.update(runs)
+    savings = 1 - runs["pruned"]["epochs"] / runs["unpruned"]["epochs"]
+    values["pruning_savings"] = rounded(savings)
+    values["best_val_accuracy_pruned"] = rounded(runs["pruned"]["best"])
+    values["best_val_accuracy_unpruned"] = rounded(runs["unpruned"]["best"])
+    if runs["pruned"]["best"] is not None and runs["unpruned"]["best"] is not None:
+        values["pruning_best_gap_points"] = rounded(100 * (runs["unpruned"]["best"] - runs["pruned"]["best"]))
+    values["trials_per_hour_subset"] = rounded(3600 * n / runs["pruned"]["wall_s"])
+    return Measurement(values=values, details=details,
+                       note="default pruner (median) vs none, same TPE seed; tiny net on the real subset")
+
+
+def quickstart(ctx: Context) -> Measurement:
+    """`tuner sweep studies/quickstart.yaml` as shipped: trials per hour and peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        url = f"sqlite:///{folder / 'quickstart.db'}"
+        log("quickstart sweep")
+        wall, rss = _sweep(ROOT / "studies" / "quickstart.yaml", url, folder)
+        trials = _trials(url, "quickstart")
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    return Measurement(
+        values={"trials_per_hour_quickstart": rounded(3600 * len(trials) / wall), "quickstart_wall_s": rounded(wall),
+                "quickstart_peak_rss_mb": rounded(rss)},
+        details={"trials": len(trials), "pruned": pruned},
+        note="the shipped quickstart study in a subprocess, SQLite")
