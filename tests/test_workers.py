@@ -53,3 +53,24 @@ def test_worker_on_unknown_study_exits_2(tmp_path, cli, storage_url):
     assert run.returncode == 2 and "study 'nope' not found" in run.stderr
 
 
+
+
+def test_gpu_pinning_round_robin():
+    """`--workers N` pins one GPU per worker when several are visible; `--workers-per-gpu K` gives
+    K workers each GPU; with one GPU or none, workers are not pinned."""
+    from tuner.sweep import assign_gpus
+
+    assert assign_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]
+    assert assign_gpus(3, ["2", "5", "7"]) == ["2", "5", "7"]
+    assert assign_gpus(2, ["0"]) == [None, None]
+    assert assign_gpus(2, []) == [None, None]
+
+
+def test_workers_per_gpu_without_gpu_is_a_note(tmp_path, cli):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    run = cli("sweep", str(study_file(tmp_path, n_trials=1, epochs=1)), "--storage", url, "--workers-per-gpu", "2",
+              "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "--workers-per-gpu ignored: no GPU visible" in run.stderr and "1 worker" in run.stdout
+    bad = cli("sweep", str(study_file(tmp_path, n_trials=1, epochs=1)), "--workers-per-gpu", "0")
+    assert bad.returncode == 2 and "--workers-per-gpu" in bad.stderr

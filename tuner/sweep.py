@@ -310,7 +310,8 @@ def _run_processes(url: str, name: str, workers: int, opts: WorkerOptions, rdb: 
 
     Workers run in their own session, so a terminal's Ctrl-C reaches only this process, which
     forwards SIGINT/SIGTERM to them: once for a graceful stop, again to abort."""
-    gpus = _visible_gpus()
+    gpus = visible_gpus() if opts.device != "cpu" else []
+    pinned = assign_gpus(workers, gpus)
     procs: list[subprocess.Popen] = []
     got: list[int] = []
     lock = threading.Lock()
@@ -337,8 +338,8 @@ def _run_processes(url: str, name: str, workers: int, opts: WorkerOptions, rdb: 
                 break
             env = {**os.environ, "TUNER_STORAGE": url}
             env.pop("TUNER_STORAGE_PASSWORD_FILE", None)  # the URL has the password already
-            if len(gpus) > 1:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            if pinned[i] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = pinned[i]
             if (opts.device == "cpu" or not gpus) and "OMP_NUM_THREADS" not in os.environ:
                 # CPU workers share the cores: oversubscribed OpenMP threads spin and run ~10× slower
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
@@ -375,7 +376,15 @@ def _run_processes(url: str, name: str, workers: int, opts: WorkerOptions, rdb: 
     return -1  # counted from the storage by summarize
 
 
-def _visible_gpus() -> list[str]:
+def assign_gpus(workers: int, gpus: list[str]) -> list[str | None]:
+    """The GPU each local worker is pinned to: round-robin, so `--workers-per-gpu K` puts K on each.
+    With one GPU or none, workers are not pinned (None: they see what the parent sees)."""
+    if len(gpus) <= 1:
+        return [None] * workers
+    return [gpus[i % len(gpus)] for i in range(workers)]
+
+
+def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g for g in env.split(",") if g.strip()]

@@ -13,9 +13,9 @@ from ..errors import ConfigError
 from ..objective import ATTR_DIVERGED, ATTR_PARAMS
 from ..artifacts import check_keep
 from ..storage import display, resolve_url
-from ..sweep import SweepResult, WorkerOptions, prepare_study, run_sweep, run_worker
+from ..sweep import visible_gpus, SweepResult, WorkerOptions, prepare_study, run_sweep, run_worker
 from . import app
-from .common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, StorageOpt, console, interactive, say
+from .common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, StorageOpt, console, err_console, interactive, say
 
 HeartbeatOpt = Annotated[Optional[int], typer.Option(
     "--heartbeat-interval", help="Seconds between trial heartbeats [default: study file, else 60].")]
@@ -149,6 +149,8 @@ def sweep_command(
     n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="Total trials in the study.")] = None,
     timeout: TimeoutOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Local worker processes (one per GPU when several).")] = 1,
+    workers_per_gpu: Annotated[Optional[int], typer.Option(
+        "--workers-per-gpu", help="Run K workers on each visible GPU (small trials share a GPU).")] = None,
     device: DeviceOpt = "auto",
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
@@ -163,7 +165,8 @@ def sweep_command(
 
     Ctrl-C (SIGINT) or SIGTERM stops at the next epoch boundary and queues the running trial to
     resume from its checkpoint on the next run (exit 130 / 143); a second signal aborts."""
-    for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--heartbeat-interval", heartbeat_interval)):
+    for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--heartbeat-interval", heartbeat_interval),
+                        ("--workers-per-gpu", workers_per_gpu)):
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
     if timeout is not None and timeout <= 0:
@@ -184,6 +187,12 @@ def sweep_command(
         say(f"study {name} ready in {display(url)}: {total or 'unlimited'} trials of {config.training.model} on "
             f"{config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
         return
+    if workers_per_gpu:
+        gpus = visible_gpus() if device != "cpu" else []
+        if gpus:
+            workers = max(workers, workers_per_gpu * len(gpus))
+        else:
+            err_console.print("note: --workers-per-gpu ignored: no GPU visible")
     say(f"sweep {name}: {total or 'unlimited'} trials of {config.training.model} on {config.training.dataset}, "
         f"{config.training.epochs} epochs each; sampler {config.sampler.name}, pruner {config.pruner.name}, "
         f"{workers} worker{'s' if workers > 1 else ''}")
