@@ -14,10 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import optuna
 import pytest
@@ -25,7 +24,7 @@ import sqlalchemy as sa
 import yaml
 from optuna.trial import TrialState
 
-from conftest import PG_ADMIN_URL, need
+from conftest import need
 
 pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -145,30 +144,9 @@ def create_study(folder: Path, url: str, **changes) -> str:
 
 
 @pytest.fixture
-def pg_db() -> Iterator[str]:
-    """A fresh PostgreSQL database whose admin engine survives a server restart (pre-ping)."""
-    try:
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-        with admin.connect() as conn:
-            conn.execute(sa.text("select 1"))
-    except Exception as exc:  # noqa: BLE001
-        need("postgres", f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__})")
-    name = f"tuner_fault_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'create database "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        wait_for("PostgreSQL back", lambda: _ping(admin), 60, every=0.5)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
-        admin.dispose()
-
-
-def _ping(engine: sa.Engine) -> bool:
-    with engine.connect() as conn:
-        conn.execute(sa.text("select 1"))
-    return True
+def pg_db(pg_url: str) -> str:
+    """A fresh PostgreSQL database that survives a server restart (see conftest's pg_url)."""
+    return pg_url
 
 
 # ---------------------------------------------------------------------------------------------
