@@ -37,23 +37,28 @@ def _study(folder: Path, name: str, **fields: Any) -> Path:
 
 
 # `tuner sweep` exactly as the console script runs it, reporting its own peak RSS on exit.
-_RUNNER = ("import resource, sys\n"
-           "from tuner.cli import main\n"
-           "try:\n    main(sys.argv[1:])\n"
-           "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+_RUNNER = ("import atexit, resource, sys\n"
+           "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+           "file=sys.stderr))\n"
+           "sys.argv[0] = 'tuner'\n"
+           "from tuner.cli import run\n"
+           "run()\n")
 
 
-def _sweep(study: Path, url: str, cwd: Path) -> tuple[float, float]:
-    """Run `tuner sweep` in a fresh process, as a user would; (wall seconds, its peak RSS in MB)."""
+def _sweep(study: Path, url: str, cwd: Path) -> tuple[float, float, float, float]:
+    """Run `tuner sweep` in a fresh process, as a user would: (wall seconds, its peak RSS in MB,
+    and the wall-clock times it started and ended, to place the trials' timestamps)."""
     env = {k: v for k, v in os.environ.items() if k != "TUNER_STORAGE"}
+    started = time.time()
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", _RUNNER, "sweep", str(study), "--storage", url, "--device", "cpu"],
                          cwd=cwd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    ended = time.time()
     if run.returncode != 0:
         raise RuntimeError(f"tuner sweep failed ({run.returncode}): {run.stderr.strip()[-500:]}")
     rss = [line.split()[1] for line in run.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
-    return wall, int(rss[-1]) / 1024
+    return wall, int(rss[-1]) / 1024, started, ended
 
 
 def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -62,7 +67,26 @@ def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 def _training_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
     """Seconds inside training steps and validation passes: the sum of every epoch's `seconds`."""
-    return sum(rec["seconds"] for t in trials for rec in t.user_attrs.get("history", []))
+    return sum(_trained(t) for t in trials)
+
+
+def _trained(trial: optuna.trial.FrozenTrial) -> float:
+    return sum(rec["seconds"] for rec in trial.user_attrs.get("history", []))
+
+
+def _timeline(trials: list[optuna.trial.FrozenTrial], started: float, ended: float) -> dict[str, float]:
+    """Where a sweep's time outside training went: before the first trial (process start, imports,
+    storage, data), the first trial's one-time extras (lazy imports), after the last trial (exit),
+    and per trial in between (sampling, storage round trips, model building, gaps between trials)."""
+    ts = sorted(trials, key=lambda t: t.number)
+    span = lambda t: (t.datetime_complete - t.datetime_start).total_seconds()  # noqa: E731
+    first, last = ts[0], ts[-1]
+    steady = sum(span(t) - _trained(t) for t in ts[1:])
+    steady += sum((b.datetime_start - a.datetime_complete).total_seconds() for a, b in zip(ts, ts[1:]))
+    return {"startup_s": first.datetime_start.timestamp() - started,
+            "first_trial_extra_s": span(first) - _trained(first),
+            "exit_s": ended - last.datetime_complete.timestamp(),
+            "per_trial_ms": 1000 * steady / max(1, len(ts) - 1)}
 
 
 def _pg_database() -> tuple[str, Any] | None:
@@ -88,37 +112,45 @@ def _pg_database() -> tuple[str, Any] | None:
 def sweep_overhead(ctx: Context) -> Measurement:
     """A sweep whose trials last about 2 s (the tiny net, 4,000 synthetic images, 5 epochs, no
     pruning): the fraction of the sweep's wall time spent outside training steps and validation
-    passes, and the per-trial overhead in ms on SQLite and on PostgreSQL."""
-    n = ctx.pick(12, 30)
-    fields = dict(dataset="synthetic", model="tiny", epochs=5, batch_size=128, n_trials=n,
-                  sampler={"name": "tpe"}, pruner="none")
+    passes, start-up and exit included; and the overhead per trial in ms on SQLite and on
+    PostgreSQL, with the one-time costs (start-up, first trial, exit) apart."""
+    n = ctx.pick(64, 128)
+    n_pg = ctx.pick(24, 64)  # per-trial figures only: one-time costs are reported apart
+    fields = dict(dataset="synthetic", model="tiny", epochs=5, batch_size=128, sampler={"name": "tpe"},
+                  pruner="none")
     values: dict[str, Any] = {}
-    details: dict[str, Any] = {"n_trials": n}
+    details: dict[str, Any] = {"n_trials": {"sqlite": n, "postgres": n_pg}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        study = _study(folder, "overhead", **fields)
-        backends = [("sqlite", f"sqlite:///{folder / 'bench.db'}", None)]
+        backends = [("sqlite", f"sqlite:///{folder / 'bench.db'}", n)]
         pg = _pg_database()
         if pg is not None:
-            backends.append(("postgres", pg[0], pg[1]))
+            backends.append(("postgres", pg[0], n_pg))
         try:
-            for backend, url, _ in backends:
-                log(f"sweep overhead: {n} trials on {backend}")
-                wall, _rss = _sweep(study, url, folder)
-                trials = _trials(url, "overhead")
+            for backend, url, count in backends:
+                study = _study(folder, f"overhead-{backend}", n_trials=count, **fields)
+                log(f"sweep overhead: {count} trials on {backend}")
+                wall, _rss, started, ended = _sweep(study, url, folder)
+                trials = _trials(url, f"overhead-{backend}")
                 train = _training_seconds(trials)
-                overhead = wall - train
+                parts = _timeline(trials, started, ended)
                 details[backend] = {"wall_s": rounded(wall), "training_s": rounded(train),
-                                    "trial_s": rounded(train / len(trials)), "trials": len(trials)}
-                values[f"sweep_overhead_ms_per_trial_{backend}"] = rounded(1000 * overhead / len(trials))
+                                    "trial_s": rounded(train / len(trials)), "trials": len(trials),
+                                    **{k: rounded(v) for k, v in parts.items()}}
+                values[f"sweep_overhead_ms_per_trial_{backend}"] = rounded(parts["per_trial_ms"])
+                values[f"sweep_one_time_s_{backend}"] = rounded(
+                    parts["startup_s"] + parts["first_trial_extra_s"] + parts["exit_s"])
                 if backend == "sqlite":
-                    values["sweep_overhead_fraction"] = rounded(overhead / wall)
+                    values["sweep_overhead_fraction"] = rounded((wall - train) / wall)
+                    values["sweep_trial_s"] = rounded(train / len(trials))
         finally:
             if pg is not None:
                 pg[1]()
     values.setdefault("sweep_overhead_ms_per_trial_postgres", None)
+    values.setdefault("sweep_one_time_s_postgres", None)
     return Measurement(values=values, details=details,
-                       note="1 - Σ epoch seconds / wall of a `tuner sweep` subprocess (start-up included)")
+                       note=f"1 - Σ epoch seconds / wall of a {n}-trial `tuner sweep` subprocess on SQLite "
+                            "(process start and exit included)")
 
 
 def pruning_savings(ctx: Context) -> Measurement:
@@ -139,7 +171,7 @@ def pruning_savings(ctx: Context) -> Measurement:
             study = _study(folder, label, **fields, **extra)
             url = f"sqlite:///{folder / (label + '.db')}"
             log(f"pruning savings: {n} trials, {label}")
-            wall, _ = _sweep(study, url, folder)
+            wall, *_ = _sweep(study, url, folder)
             trials = _trials(url, label)
             epochs = sum(len(t.intermediate_values) for t in trials)
             complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
@@ -163,7 +195,7 @@ def quickstart(ctx: Context) -> Measurement:
         folder = Path(tmp)
         url = f"sqlite:///{folder / 'quickstart.db'}"
         log("quickstart sweep")
-        wall, rss = _sweep(ROOT / "studies" / "quickstart.yaml", url, folder)
+        wall, rss, *_ = _sweep(ROOT / "studies" / "quickstart.yaml", url, folder)
         trials = _trials(url, "quickstart")
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
     return Measurement(

@@ -49,7 +49,10 @@ def study_file(folder: Path, name: str = "faulty", **changes) -> Path:
 
 
 def env_for(url: str, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "TUNER_STORAGE": url, "OMP_NUM_THREADS": "1", "TUNER_DEBUG": "0", **extra}
+    # these trials last seconds: checkpoint after every epoch (the default waits 60 s), so a kill
+    # always finds a checkpoint to resume from
+    env = {**os.environ, "TUNER_STORAGE": url, "OMP_NUM_THREADS": "1", "TUNER_DEBUG": "0",
+           "TUNER_CHECKPOINT_EVERY": "0", **extra}
     return env
 
 

@@ -1,9 +1,13 @@
 """Trial checkpoints as Optuna artifacts, so a retried trial resumes where its predecessor stopped.
 
-Every epoch the engine writes a checkpoint (`train(checkpoint_path=...)`); `Checkpointer` uploads
-it to the study's artifact store: the first epoch through `optuna.artifacts.upload_artifact`
-(the dashboard lists it under the trial), later epochs replace the same artifact atomically. The
-trial's user attr `checkpoint` = {artifact_id, epoch} points at it.
+At an epoch boundary, once `every` seconds (default 60; 0 = every epoch) have passed since the
+trial started or was last checkpointed, the engine writes a checkpoint (`train(checkpoint_path=...,
+checkpoint_when=...)`), and always when a stop signal came (the trial is queued to resume) or, with
+keep policy `best`, after the last epoch. `Checkpointer` uploads it to the study's artifact store:
+the first time through `optuna.artifacts.upload_artifact` (the dashboard lists it under the
+trial), later ones replace the same artifact atomically. The trial's user attr `checkpoint` =
+{artifact_id, epoch} points at it. A crash loses at most `every` seconds of a trial's training;
+short trials (a few seconds) pay nothing for checkpoints.
 
 A retry copy (WAITING, system attrs `failed_trial` / `retry_history`) walks its retry history
 backwards to the newest predecessor with a checkpoint, downloads it, checks it (`weights_only`
@@ -41,6 +45,7 @@ ATTR_RESUMED_TRIAL = "resumed_from_trial"
 ARTIFACT_PREFIX = "artifacts:"
 CHECKPOINT_NAME = "checkpoint-trial-{number}.pt"
 KEEP_POLICIES = ("none", "best")
+DEFAULT_CHECKPOINT_EVERY = 60.0  # seconds of training a crash may cost a trial
 DEFAULT_DIR = "tuner-artifacts"
 
 
@@ -84,6 +89,12 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def exists(self, artifact_id: str) -> bool:
+        try:
+            return self._get_filepath(artifact_id).is_file()
+        except ValueError:  # an id that would leave the folder
+            return False
+
 
 def open_store(path: str | Path) -> AtomicFileSystemArtifactStore:
     """The artifact store in `path` (created on the first write)."""
@@ -112,19 +123,48 @@ def resume_point(storage: optuna.storages.BaseStorage, study_id: int,
     return None
 
 
-class Checkpointer:
-    """The `train_fn` of `Objective` that checkpoints every epoch into the artifact store, resumes
-    retried trials, and stops at an epoch boundary when `stop` is asked (see faults.py)."""
+def checkpoint_every(value: float | None = None) -> float:
+    """Seconds between a trial's checkpoints: the flag, else env TUNER_CHECKPOINT_EVERY, else 60."""
+    key = "--checkpoint-every"
+    if value is None:
+        raw = os.environ.get("TUNER_CHECKPOINT_EVERY", "").strip()
+        if not raw:
+            return DEFAULT_CHECKPOINT_EVERY
+        key = "TUNER_CHECKPOINT_EVERY"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"must be a number of seconds >= 0, got {raw!r}", key=key) from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"must be a number of seconds >= 0, got {value!r}", key=key)
+    return float(value)
 
-    def __init__(self, store_dir: str | Path, *, stop: Any = None,
-                 on_interrupt: Callable[[optuna.Trial], None] | None = None,
+
+class Checkpointer:
+    """The `train_fn` of `Objective` that checkpoints into the artifact store (every `every`
+    seconds of training, at epoch boundaries), resumes retried trials, and stops at an epoch
+    boundary when `stop` is asked (see faults.py). `keep="best"` also checkpoints the last epoch."""
+
+    def __init__(self, store_dir: str | Path, *, stop: Any = None, every: float = DEFAULT_CHECKPOINT_EVERY,
+                 keep: str = "none", on_interrupt: Callable[[optuna.Trial], None] | None = None,
                  on_abort: Callable[[optuna.Trial], None] | None = None) -> None:
         self.store = open_store(store_dir)
         self.stop = stop  # a faults.StopController, or None
+        self.every = float(every)
+        self.keep = keep
         self.on_interrupt = on_interrupt  # queue the trial to resume (graceful stop)
         self.on_abort = on_abort  # the same, best effort, on a second signal
         self.current: optuna.Trial | None = None
+        self.uploaded = False  # the current (or last) trial uploaded a checkpoint
         self._tmp = Path(tempfile.mkdtemp(prefix="tuner-ckpt-"))
+
+    def _due(self, epoch: int, total: int, since: float) -> bool:
+        """Checkpoint after this epoch? (see the module docstring)"""
+        if epoch >= total:
+            return self.keep == "best"  # the trial ends here; only a kept best needs the weights
+        if self.stop is not None and self.stop.stop_requested:
+            return True  # the trial is queued to resume from here
+        return time.monotonic() - since >= self.every
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -139,6 +179,16 @@ class Checkpointer:
         resume = self._download(storage, study_id, frozen, params)
         artifact_id: str | None = None
         total = params.training.epochs
+        self.uploaded = False
+        last_saved = time.monotonic()
+        saved_epoch = -1
+
+        def when(record: Any) -> bool:
+            nonlocal last_saved, saved_epoch
+            if not self._due(record.epoch, total, last_saved):
+                return False
+            last_saved, saved_epoch = time.monotonic(), record.epoch
+            return True
 
         if resume is not None:
             path, number, state = resume
@@ -151,16 +201,18 @@ class Checkpointer:
 
         def hook(record: Any) -> bool:
             nonlocal artifact_id
-            if artifact_id is None:
-                renamed = local.with_name(CHECKPOINT_NAME.format(number=trial.number))
-                shutil.copyfile(local, renamed)
-                artifact_id = upload_artifact(artifact_store=self.store, file_path=str(renamed),
-                                              study_or_trial=trial, mimetype="application/octet-stream")
-                renamed.unlink(missing_ok=True)
-            else:
-                with open(local, "rb") as fh:
-                    self.store.write(artifact_id, fh)
-            trial.set_user_attr(ATTR_CHECKPOINT, {"artifact_id": artifact_id, "epoch": record.epoch})
+            if saved_epoch == record.epoch:
+                if artifact_id is None:
+                    renamed = local.with_name(CHECKPOINT_NAME.format(number=trial.number))
+                    os.replace(local, renamed)
+                    artifact_id = upload_artifact(artifact_store=self.store, file_path=str(renamed),
+                                                  study_or_trial=trial, mimetype="application/octet-stream")
+                    renamed.unlink(missing_ok=True)
+                else:
+                    with open(local, "rb") as fh:
+                        self.store.write(artifact_id, fh)
+                self.uploaded = True
+                trial.set_user_attr(ATTR_CHECKPOINT, {"artifact_id": artifact_id, "epoch": record.epoch})
             stop = bool(on_epoch(record))
             if not stop and self.stop is not None and self.stop.stop_requested and record.epoch < total:
                 if self.on_interrupt is not None:
@@ -169,7 +221,7 @@ class Checkpointer:
             return stop
 
         try:
-            return train(params, data, on_epoch=hook, checkpoint_path=local,
+            return train(params, data, on_epoch=hook, checkpoint_path=local, checkpoint_when=when,
                          resume_from=resume[0] if resume is not None else None)
         except KeyboardInterrupt:  # a second signal: abort now, but still queue the trial to resume
             if self.on_abort is not None:
@@ -179,7 +231,8 @@ class Checkpointer:
                     pass
             raise
         finally:
-            for p in (local, self._tmp / f"resume-{trial.number}.pt"):
+            for p in (local, local.with_name(CHECKPOINT_NAME.format(number=trial.number)),
+                      self._tmp / f"resume-{trial.number}.pt"):
                 p.unlink(missing_ok=True)
             for p in self._tmp.glob(f"{local.name}.*.tmp"):
                 p.unlink(missing_ok=True)
@@ -227,16 +280,20 @@ def checkpoint_artifacts(trial: FrozenTrial) -> list[str]:
     return ids
 
 
-def cleanup_checkpoints(storage: Any, study_id: int, store_dir: str | Path, keep: str = "none") -> int:
+def cleanup_checkpoints(storage: Any, study_id: int, store_dir: str | Path, keep: str = "none",
+                        trials: list[FrozenTrial] | None = None) -> int:
     """Delete the checkpoints no trial needs any more; returns how many files were removed.
 
     Needed: those of RUNNING and WAITING trials and of their predecessors (a retry resumes from
     them), and with keep="best" the best COMPLETE trial's. Idempotent, safe to run from any worker.
+    `trials` (e.g. `study.get_trials()`, which reads only what changed) saves re-reading them all;
+    attrs of files already gone are left alone, so a cached copy that still lists them costs nothing.
     """
     store = open_store(store_dir)
     if not store.base_path.is_dir():
         return 0
-    trials = storage.get_all_trials(study_id, deepcopy=False)
+    if trials is None:
+        trials = storage.get_all_trials(study_id, deepcopy=False)
     needed: set[int] = set()
     for t in trials:
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -250,7 +307,7 @@ def cleanup_checkpoints(storage: Any, study_id: int, store_dir: str | Path, keep
     for t in trials:
         if t.number in needed or not t.state.is_finished():
             continue
-        ids = checkpoint_artifacts(t)
+        ids = [i for i in checkpoint_artifacts(t) if store.exists(i)]
         if not ids:
             continue
         for artifact_id in ids:

@@ -187,15 +187,19 @@ def make_synthetic(n_train: int = 4000, n_test: int = 1000, seed: int = 1234) ->
     yy, xx = (c[None] for c in torch.meshgrid(coords, coords, indexing="ij"))
     f, p1, p2 = freq[:, None, None], ph1[:, None, None], ph2[:, None, None]
     centre = (torch.rand(2, n, 1, 1, generator=g) - 0.5) * 24
-    rings = torch.sqrt((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2)
-    waves = torch.stack([
-        torch.sin(f * yy + p1),  # horizontal stripes
-        torch.sin(f * xx + p1),  # vertical stripes
-        torch.sin(f * xx + p1) * torch.sin(f * yy + p2) * 1.6,  # checkerboard
-        torch.sin(f * rings + p1),  # rings
-        (torch.sin(f * (xx + yy) / 1.414 + p1) + torch.sin(f * (xx - yy) / 1.414 + p2)) / 1.6,  # cross-hatch
-    ])
-    wave = waves[pattern, torch.arange(n)].clamp(-1, 1)  # n×32×32
+    patterns = (
+        lambda f, p1, p2, c: torch.sin(f * yy + p1),  # horizontal stripes
+        lambda f, p1, p2, c: torch.sin(f * xx + p1),  # vertical stripes
+        lambda f, p1, p2, c: torch.sin(f * xx + p1) * torch.sin(f * yy + p2) * 1.6,  # checkerboard
+        lambda f, p1, p2, c: torch.sin(f * torch.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2) + p1),  # rings
+        lambda f, p1, p2, c: (torch.sin(f * (xx + yy) / 1.414 + p1)
+                              + torch.sin(f * (xx - yy) / 1.414 + p2)) / 1.6,  # cross-hatch
+    )
+    wave = torch.empty(n, 32, 32)
+    for k, draw in enumerate(patterns):  # each image's own pattern only
+        i = (pattern == k).nonzero().squeeze(1)
+        wave[i] = draw(f[i], p1[i], p2[i], centre[:, i])
+    wave = wave.clamp(-1, 1)  # n×32×32
     contrast = 0.5 + 0.5 * torch.rand(n, generator=g)
     color_a, color_r = torch.rand(2, n, 3, 1, 1, generator=g)
     color_b = 0.7 * (1 - color_a) + 0.3 * color_r  # far enough from color_a for the pattern to show

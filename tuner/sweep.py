@@ -29,7 +29,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .artifacts import Checkpointer, artifact_dir_for, check_keep, cleanup_checkpoints
+from .artifacts import Checkpointer, artifact_dir_for, check_keep, checkpoint_every, cleanup_checkpoints
 from .config import StudyConfig, config_from_stored
 from .errors import ConfigError, StorageError, TunerError
 from .faults import Interrupted, Reaper, StopController, queue_retry, reap
@@ -125,6 +125,7 @@ class WorkerOptions:
     worker_index: int | None = None  # seeds the sampler; None: a random offset (standalone workers)
     artifact_dir: str | None = None  # checkpoint store; None: env TUNER_ARTIFACT_DIR or beside the database
     keep_checkpoints: str | None = None  # none | best; None: the study's policy (default none)
+    checkpoint_every: float | None = None  # seconds; None: env TUNER_CHECKPOINT_EVERY, else 60; 0: every epoch
     handle_signals: bool = True  # SIGINT/SIGTERM stop at the next epoch boundary (main thread only)
 
 
@@ -167,6 +168,7 @@ def _work(url: str, study_name: str, opts: WorkerOptions, stop: StopController,
     from .train import resolve_device
 
     check_keep(opts.keep_checkpoints)
+    checkpoint_every(opts.checkpoint_every)
     probe = open_storage(url, must_exist=True)
     config = stored_config(probe, study_name)
     study_id = probe.get_study_id_from_name(study_name)
@@ -175,7 +177,7 @@ def _work(url: str, study_name: str, opts: WorkerOptions, stop: StopController,
     hb = config.heartbeat
     interval = opts.heartbeat_interval or hb.interval
     storage = open_storage(url, heartbeat_interval=interval, grace_period=hb.grace_period, max_retry=hb.max_retry,
-                           cap_key=ATTR_TARGET, cap_default=config.n_trials)
+                           cap_key=ATTR_TARGET, cap_default=config.n_trials, wal=True)
     _OPENED.append(storage)
     store_dir = artifact_dir_for(url, opts.artifact_dir)
     device = resolve_device(opts.device)
@@ -197,20 +199,27 @@ def _work(url: str, study_name: str, opts: WorkerOptions, stop: StopController,
         with storage.single_attempt():
             queue_retry(study, storage.get_trial(trial._trial_id), interrupted=True)
 
-    checkpointer = Checkpointer(store_dir, stop=stop, on_interrupt=interrupted, on_abort=aborted)
+    checkpointer = Checkpointer(store_dir, stop=stop, every=checkpoint_every(opts.checkpoint_every), keep=keep,
+                                on_interrupt=interrupted, on_abort=aborted)
     objective = (make_objective or Objective)(config, data)
     if isinstance(objective, Objective) and objective.train_fn is plain_train:
         objective.train_fn = checkpointer
     objective = record_failures(objective)
     ran = 0
 
+    def cleanup() -> None:
+        try:
+            cleanup_checkpoints(storage, study_id, store_dir, keep, trials=study.get_trials(deepcopy=False))
+        except OSError as exc:
+            print(f"warning: checkpoint cleanup in {store_dir}: {exc}", file=sys.stderr)
+
     def callback(s: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal ran
         ran += 1
-        try:
-            cleanup_checkpoints(storage, study_id, store_dir, keep)
-        except OSError as exc:
-            print(f"warning: checkpoint cleanup in {store_dir}: {exc}", file=sys.stderr)
+        # only a trial that left a checkpoint, or a retry (its predecessors' are no longer needed),
+        # can make one deletable; the others skip the scan
+        if checkpointer.uploaded or trial.system_attrs.get("retry_history"):
+            cleanup()
         if on_trial is not None:
             on_trial(s, trial)
 
@@ -245,10 +254,9 @@ def _work(url: str, study_name: str, opts: WorkerOptions, stop: StopController,
         finally:
             reaper.stop()
             checkpointer.close()
-    if stop.signum is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cleanup_checkpoints(storage, study_id, store_dir, keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanup()
     stop.raise_if_stopped()
     return ran
 
@@ -288,6 +296,7 @@ def run_sweep(config: StudyConfig, *, storage: str | None = None, study_name: st
     opts = opts or WorkerOptions()
     opts = replace(opts, timeout=timeout if timeout is not None else config.timeout)
     check_keep(opts.keep_checkpoints)
+    checkpoint_every(opts.checkpoint_every)
     if study_name:
         config = replace(config, name=study_name)
     url = resolve_url(storage, config.storage)
@@ -354,6 +363,8 @@ def _run_processes(url: str, name: str, workers: int, opts: WorkerOptions, rdb: 
             cmd += ["--artifact-dir", str(Path(artifact_dir_for(url, opts.artifact_dir)).resolve())]
             if opts.keep_checkpoints:
                 cmd += ["--keep-checkpoints", opts.keep_checkpoints]
+            if opts.checkpoint_every is not None:
+                cmd += ["--checkpoint-every", repr(float(opts.checkpoint_every))]
             with lock:
                 procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         study_id = rdb.get_study_id_from_name(name)

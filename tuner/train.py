@@ -196,11 +196,14 @@ def train(params: TrialParams, data: DeviceData, *,
           on_epoch: Callable[[EpochRecord], bool | None] | None = None,
           checkpoint_path: str | Path | None = None,
           resume_from: str | Path | None = None,
+          checkpoint_when: Callable[[EpochRecord], bool] | None = None,
           evaluate_test: bool = False,
           on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train one trial on `data` (already on its device). See the module docstring.
 
     `on_epoch(record) -> stop?` runs after each epoch (and after its checkpoint is saved).
+    With `checkpoint_path`, the checkpoint is written after every epoch, or only after those for
+    which `checkpoint_when(record)` is true.
     `on_step(step_in_epoch, steps_per_epoch)` is for progress bars.
     """
     device = data.device
@@ -283,7 +286,7 @@ def train(params: TrialParams, data: DeviceData, *,
             grad_norm_max=float(norm_t.max()), clip_fraction=float(torch.stack(clipped).float().mean().cpu()),
         )
         history.append(record.to_dict())
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and (checkpoint_when is None or checkpoint_when(record)):
             save_checkpoint(checkpoint_path, params=params, model=model, optimizer=optimizer, generator=gen,
                             epoch=epoch, step=step, history=history)
         if on_epoch is not None and on_epoch(record):

@@ -58,8 +58,43 @@ def _ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def run() -> None:
+    """The console script: `main`, then a fast exit.
+
+    With torch and its compiler stack loaded, finalising the interpreter (garbage-collecting
+    thousands of module objects) takes about a second, once per `tuner` process; a sweep worker
+    pays it at the end of its last trial. Here the exit handlers run and the storages close as
+    usual, then the process ends without that teardown. When a non-daemon thread is still alive,
+    the normal exit waits for it instead."""
+    code: int | str | None = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    code = int(code or 0)
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        raise SystemExit(code)
+    import atexit
+
+    from ..storage import close_all
+
+    close_all()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`tuner ... | head`)
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """The command line (tests call it in-process; the console script is `run`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tuner prints its own lines

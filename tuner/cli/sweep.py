@@ -12,6 +12,7 @@ from ..config import load_study_file
 from ..errors import ConfigError
 from ..objective import ATTR_DIVERGED, ATTR_PARAMS
 from ..artifacts import check_keep
+from ..artifacts import checkpoint_every as checkpoint_every_seconds
 from ..storage import display, resolve_url
 from ..sweep import visible_gpus, SweepResult, WorkerOptions, prepare_study, run_sweep, run_worker
 from . import app
@@ -27,6 +28,11 @@ ArtifactDirOpt = Annotated[Optional[Path], typer.Option(
 KeepOpt = Annotated[Optional[str], typer.Option(
     "--keep-checkpoints", help="Checkpoints of finished trials: none (delete) or best (keep the best "
                                "trial's) [default: the study's policy, else none].")]
+
+EveryOpt = Annotated[Optional[float], typer.Option(
+    "--checkpoint-every", envvar="TUNER_CHECKPOINT_EVERY", show_default=False, metavar="SECONDS",
+    help="Checkpoint a running trial at the first epoch boundary after S seconds of training (0: after "
+         "every epoch); a crash loses at most that much of a trial [env TUNER_CHECKPOINT_EVERY; default: 60].")]
 
 
 def describe(params: dict[str, Any] | None) -> str:
@@ -157,6 +163,7 @@ def sweep_command(
     heartbeat_interval: HeartbeatOpt = None,
     artifact_dir: ArtifactDirOpt = None,
     keep_checkpoints: KeepOpt = None,
+    checkpoint_every: EveryOpt = None,
     create_only: Annotated[bool, typer.Option(
         "--create-only", help="Create (or update) the study and its budget, run nothing: start `tuner worker`s.")] = False,
     debug: Debug = False,
@@ -172,6 +179,7 @@ def sweep_command(
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"must be > 0, got {timeout}", key="--timeout")
     check_keep(keep_checkpoints)
+    checkpoint_every_seconds(checkpoint_every)
     config = load_study_file(study_file)
     if dataset:
         from dataclasses import replace
@@ -198,7 +206,7 @@ def sweep_command(
         f"{workers} worker{'s' if workers > 1 else ''}")
     opts = WorkerOptions(device=device, data_dir=str(data_dir) if data_dir else None,
                          heartbeat_interval=heartbeat_interval, artifact_dir=str(artifact_dir) if artifact_dir else None,
-                         keep_checkpoints=keep_checkpoints)
+                         keep_checkpoints=keep_checkpoints, checkpoint_every=checkpoint_every)
     with SweepProgress(total) as progress:
         result = run_sweep(config, storage=storage, study_name=study_name, n_trials=n_trials, timeout=timeout,
                            workers=workers, opts=opts, on_trial=progress.trial, on_poll=progress.poll)
@@ -216,6 +224,7 @@ def worker_command(
     worker_index: Annotated[Optional[int], typer.Option("--worker-index", hidden=True)] = None,
     artifact_dir: ArtifactDirOpt = None,
     keep_checkpoints: KeepOpt = None,
+    checkpoint_every: EveryOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-trial lines.")] = False,
     debug: Debug = False,
 ) -> None:
@@ -223,6 +232,7 @@ def worker_command(
 
     SIGINT/SIGTERM stop at the next epoch boundary (exit 130 / 143); a second signal aborts."""
     check_keep(keep_checkpoints)
+    checkpoint_every_seconds(checkpoint_every)
     for flag, value in (("--heartbeat-interval", heartbeat_interval),):
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
@@ -231,7 +241,8 @@ def worker_command(
     url = resolve_url(storage)
     opts = WorkerOptions(device=device, data_dir=str(data_dir) if data_dir else None, timeout=timeout,
                          heartbeat_interval=heartbeat_interval, worker_index=worker_index,
-                         artifact_dir=str(artifact_dir) if artifact_dir else None, keep_checkpoints=keep_checkpoints)
+                         artifact_dir=str(artifact_dir) if artifact_dir else None, keep_checkpoints=keep_checkpoints,
+                         checkpoint_every=checkpoint_every)
     progress = SweepProgress(None, quiet=quiet)
     progress.bar = None  # workers print plain lines
     ran = run_worker(url, study_name, opts, on_trial=progress.trial)
