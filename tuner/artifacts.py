@@ -110,9 +110,10 @@ def _warn(message: str) -> None:
 
 
 def resume_point(storage: optuna.storages.BaseStorage, study_id: int,
-                 trial: FrozenTrial) -> tuple[int, dict[str, Any]] | None:
-    """(predecessor number, its `checkpoint` attr) of the newest predecessor with a checkpoint."""
-    for number in reversed(trial.system_attrs.get("retry_history", [])):
+                 system_attrs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """(predecessor number, its `checkpoint` attr) of the newest predecessor with a checkpoint,
+    from a trial's system attrs (a retry copy's `retry_history`)."""
+    for number in reversed(system_attrs.get("retry_history", [])):
         try:
             tid = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         except KeyError:
@@ -174,9 +175,10 @@ class Checkpointer:
 
         self.current = trial
         storage, study_id = trial.storage, trial.study._study_id
-        frozen = storage.get_trial(trial._trial_id)
+        # only the system attrs: one query, where reading the whole trial costs several
+        system_attrs = getattr(storage, "_backend", storage).get_trial_system_attrs(trial._trial_id)
         local = self._tmp / f"trial-{trial.number}.pt"
-        resume = self._download(storage, study_id, frozen, params)
+        resume = self._download(storage, study_id, trial.number, system_attrs, params)
         artifact_id: str | None = None
         total = params.training.epochs
         self.uploaded = False
@@ -196,7 +198,7 @@ class Checkpointer:
             trial.set_user_attr(ATTR_RESUMED_TRIAL, number)
             for rec in state["history"]:  # the earlier epochs of the learning curve
                 trial.report(float(rec["val_accuracy"]), int(rec["epoch"]))
-        elif frozen.system_attrs.get("retry_history"):
+        elif system_attrs.get("retry_history"):
             trial.set_user_attr(ATTR_RESUMED, 0)
 
         def hook(record: Any) -> bool:
@@ -237,26 +239,26 @@ class Checkpointer:
             for p in self._tmp.glob(f"{local.name}.*.tmp"):
                 p.unlink(missing_ok=True)
 
-    def _download(self, storage: Any, study_id: int, frozen: FrozenTrial,
+    def _download(self, storage: Any, study_id: int, trial_number: int, system_attrs: dict[str, Any],
                   params: Any) -> tuple[Path, int, dict[str, Any]] | None:
         from .train import load_checkpoint
 
-        point = resume_point(storage, study_id, frozen)
+        point = resume_point(storage, study_id, system_attrs)
         if point is None:
             return None
         number, ck = point
-        path = self._tmp / f"resume-{frozen.number}.pt"
+        path = self._tmp / f"resume-{trial_number}.pt"
         path.unlink(missing_ok=True)
         try:
             with self.store.open_reader(ck["artifact_id"]) as src, open(path, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             state = load_checkpoint(path, params)
         except (ArtifactNotFound, OSError, ValueError) as exc:
-            _warn(f"trial {frozen.number}: checkpoint of trial {number} not found in {self.store.base_path} "
+            _warn(f"trial {trial_number}: checkpoint of trial {number} not found in {self.store.base_path} "
                   f"({type(exc).__name__}); starting from epoch 0")
             return None
         except CheckpointError as exc:
-            _warn(f"trial {frozen.number}: checkpoint of trial {number} unusable ({exc}); starting from epoch 0")
+            _warn(f"trial {trial_number}: checkpoint of trial {number} unusable ({exc}); starting from epoch 0")
             return None
         return path, number, state
 

@@ -13,6 +13,7 @@ import torch
 from .config import StudyConfig
 from .data import DeviceData
 from .faults import GracefulStop
+from .resilient import set_user_attrs
 from .space import suggest
 from .train import EpochRecord, TrainResult, train
 
@@ -72,8 +73,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.config.space, self.config.training)
-        trial.set_user_attr(ATTR_PARAMS, params.to_dict())
-        trial.set_user_attr(ATTR_ENV, self.env)
+        set_user_attrs(trial, {ATTR_PARAMS: params.to_dict(), ATTR_ENV: self.env})
         history: list[dict[str, Any]] = []
         started = time.perf_counter()
 
@@ -84,14 +84,16 @@ class Objective:
 
         try:
             result = self.train_fn(params, self.data, on_epoch=on_epoch, trial=trial)
-        finally:
+        except BaseException:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 trial.set_user_attr(ATTR_SECONDS, time.perf_counter() - started)
-        trial.set_user_attr(ATTR_HISTORY, result.history)
-        trial.set_user_attr(ATTR_EPOCHS, result.epochs)
+            raise
+        attrs: dict[str, Any] = {ATTR_SECONDS: time.perf_counter() - started, ATTR_HISTORY: result.history,
+                                 ATTR_EPOCHS: result.epochs}
         if result.outcome == "diverged":
-            trial.set_user_attr(ATTR_DIVERGED, True)
-            trial.set_user_attr("diverged_at", result.diverged_at)
+            attrs.update({ATTR_DIVERGED: True, "diverged_at": result.diverged_at})
+        set_user_attrs(trial, attrs)
+        if result.outcome == "diverged":
             raise optuna.TrialPruned(f"diverged at epoch {(result.diverged_at or {}).get('epoch')}")
         if result.outcome == "stopped":
             raise optuna.TrialPruned(f"pruned at epoch {result.epochs}")

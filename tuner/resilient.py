@@ -400,6 +400,18 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         stale.update(tid for tid, start in rows if start is None or now - start > grace)
         return sorted(stale)
 
+    # -- several user attrs in one transaction ---------------------------------------------------
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Upsert several user attrs with one commit (an upsert is safe to retry)."""
+
+        def attempt() -> None:
+            with _create_scoped_session(self.scoped_session, True) as session:
+                for key, value in attrs.items():
+                    self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
+        self._retry(attempt)
+
     # -- attribute removal (checkpoint artifacts that were deleted) ------------------------------
 
     def delete_trial_attrs(self, trial_id: int, *, user_keys: Iterable[str] = (),
@@ -429,6 +441,19 @@ def _wrap(name: str) -> None:
 
 for _name in _RETRIED:
     _wrap(_name)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """`trial.set_user_attr` for each item, in one transaction when the storage is ours."""
+    backend = getattr(trial.storage, "_backend", trial.storage)
+    if not isinstance(backend, ResilientRDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    backend.set_trial_user_attrs(trial._trial_id, attrs)
+    cached = getattr(trial, "_cached_frozen_trial", None)  # what `trial.set_user_attr` also updates
+    if cached is not None:
+        cached.user_attrs.update(attrs)
 
 
 def _wal_pragmas(dbapi_connection: Any, _record: Any) -> None:
