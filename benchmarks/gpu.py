@@ -60,7 +60,7 @@ def flops_per_image(ctx: Context) -> float:
 def cuda_throughput(ctx: Context) -> Measurement:
     """images/s of `tuner.train.train` on the GPU, and what that is in TFLOP/s and as a fraction of
     the device's bf16 peak."""
-    keys = ("cuda_images_per_s", "cuda_tflops", "cuda_peak_bf16_tflops", "cuda_mfu")
+    keys = ("cuda_images_per_s", "cuda_tflops", "cuda_peak_bf16_tflops", "cuda_mfu", "cuda_trial_peak_memory_mb")
     reason = _no_cuda(ctx)
     if reason:
         return Measurement(values=dict.fromkeys(keys), skipped=reason)
@@ -71,14 +71,17 @@ def cuda_throughput(ctx: Context) -> Measurement:
     n = len(data.y_train)
     rounds = ctx.pick(5, 15)
     log(f"cuda_throughput: {rounds} train() epochs of {n} images on {name}")
+    torch.cuda.reset_peak_memory_stats(ctx.device)
     seconds = interleaved({"engine": lambda: engine_epoch_seconds(params, data)}, rounds, warmup=1)["engine"]
+    peak_mb = torch.cuda.max_memory_allocated(ctx.device) / 2**20  # a trial's tensors, the cached dataset included
     ips = n / median(seconds)
     fpi = flops_per_image(ctx)
     tflops = fpi * ips / 1e12
     peak, kind = peak_tflops(name)
     return Measurement(
         values={"cuda_images_per_s": rounded(ips), "cuda_tflops": rounded(tflops),
-                "cuda_peak_bf16_tflops": peak, "cuda_mfu": rounded(tflops / peak) if peak else None},
+                "cuda_peak_bf16_tflops": peak, "cuda_mfu": rounded(tflops / peak) if peak else None,
+                "cuda_trial_peak_memory_mb": rounded(peak_mb)},
         details={"device_name": name, "gflops_per_image_fwd_bwd": rounded(fpi / 1e9),
                  "peak_precision": kind or None, "images_per_epoch": n, "rounds": rounds,
                  "epoch_seconds": [rounded(s) for s in seconds]},
@@ -108,10 +111,12 @@ def cuda_full_trial(ctx: Context) -> Measurement:
     params = TrialParams().with_training(dataset="cifar10")
     data = load_dataset("cifar10", ctx.device, val_fraction=params.training.val_fraction)
     log(f"cuda_full_trial: one default trial ({params.training.epochs} epochs) on full CIFAR-10")
+    torch.cuda.reset_peak_memory_stats(ctx.device)
     result = train(params, data, evaluate_test=True)
     return Measurement(
         values={"cuda_trial_seconds": rounded(result.seconds)},
-        details={"outcome": result.outcome, "epochs": result.epochs, "test_accuracy": result.test_accuracy,
+        details={"peak_memory_mb": rounded(torch.cuda.max_memory_allocated(ctx.device) / 2**20),
+                 "outcome": result.outcome, "epochs": result.epochs, "test_accuracy": result.test_accuracy,
                  "val_accuracy": result.val_accuracy, "train_images": len(data.y_train)},
         note=f"{result.epochs} epochs, test acc {result.test_accuracy}",
     )
