@@ -115,7 +115,7 @@ def sweep_overhead(ctx: Context) -> Measurement:
     passes, start-up and exit included; and the overhead per trial in ms on SQLite and on
     PostgreSQL, with the one-time costs (start-up, first trial, exit) apart."""
     n = ctx.pick(64, 128)
-    n_pg = ctx.pick(24, 64)  # per-trial figures only: one-time costs are reported apart
+    n_pg = ctx.pick(16, 64)  # per-trial figures only: one-time costs are reported apart
     fields = dict(dataset="synthetic", model="tiny", epochs=5, batch_size=128, sampler={"name": "tpe"},
                   pruner="none")
     values: dict[str, Any] = {}
