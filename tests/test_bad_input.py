@@ -143,6 +143,10 @@ CASES = [
     # flags
     Case("sweep-n-trials", ["sweep", "good-study.yaml", "--n-trials", "0"], 2, ["--n-trials", ">= 1"]),
     Case("sweep-keep-policy", ["sweep", "good-study.yaml", "--keep-checkpoints", "all"], 2, ["--keep-checkpoints", "all"]),
+    Case("sweep-checkpoint-every", ["sweep", "good-study.yaml", "--checkpoint-every", "-1"], 2,
+         ["--checkpoint-every", ">= 0"]),
+    Case("worker-checkpoint-every-env", ["worker", "--study-name", "base"], 2, ["TUNER_CHECKPOINT_EVERY", "number"],
+         env={"TUNER_CHECKPOINT_EVERY": "soon"}),
     Case("worker-heartbeat", ["worker", "--study-name", "base", "--heartbeat-interval", "0"], 2, ["--heartbeat-interval"]),
     Case("dashboard-port", ["dashboard", "--port", "70000"], 2, ["--port"]),
     Case("unknown-flag", ["sweep", "good-study.yaml", "--frobnicate"], 2, ["--frobnicate"]),
