@@ -216,7 +216,10 @@ class Checkpointer:
                 self.uploaded = True
                 trial.set_user_attr(ATTR_CHECKPOINT, {"artifact_id": artifact_id, "epoch": record.epoch})
             stop = bool(on_epoch(record))
-            if not stop and self.stop is not None and self.stop.stop_requested and record.epoch < total:
+            # a signal stops the trial at the first epoch boundary that has its checkpoint (one that
+            # came after `when` decided for this epoch waits for the next)
+            if (not stop and self.stop is not None and self.stop.stop_requested and record.epoch < total
+                    and saved_epoch == record.epoch):
                 if self.on_interrupt is not None:
                     self.on_interrupt(trial)
                 raise GracefulStop(f"stopped by a signal after epoch {record.epoch}")
