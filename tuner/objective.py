@@ -74,11 +74,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.config.space, self.config.training)
         set_user_attrs(trial, {ATTR_PARAMS: params.to_dict(), ATTR_ENV: self.env})
-        history: list[dict[str, Any]] = []
         started = time.perf_counter()
 
         def on_epoch(record: EpochRecord) -> bool:
-            history.append(record.to_dict())
             trial.report(record.val_accuracy, record.epoch)
             return trial.should_prune()
 

@@ -168,7 +168,7 @@ def _work(url: str, study_name: str, opts: WorkerOptions, stop: StopController,
     from .train import resolve_device
 
     check_keep(opts.keep_checkpoints)
-    checkpoint_every(opts.checkpoint_every)
+    every = checkpoint_every(opts.checkpoint_every)  # a bad value fails before anything is opened
     probe = open_storage(url, must_exist=True)
     config = stored_config(probe, study_name)
     study_id = probe.get_study_id_from_name(study_name)
@@ -199,7 +199,7 @@ def _work(url: str, study_name: str, opts: WorkerOptions, stop: StopController,
         with storage.single_attempt():
             queue_retry(study, storage.get_trial(trial._trial_id), interrupted=True)
 
-    checkpointer = Checkpointer(store_dir, stop=stop, every=checkpoint_every(opts.checkpoint_every), keep=keep,
+    checkpointer = Checkpointer(store_dir, stop=stop, every=every, keep=keep,
                                 on_interrupt=interrupted, on_abort=aborted)
     objective = (make_objective or Objective)(config, data)
     if isinstance(objective, Objective) and objective.train_fn is plain_train:
