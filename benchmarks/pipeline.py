@@ -101,7 +101,7 @@ def _our_pipeline_seconds(data, batch_size: int, gen: torch.Generator, epochs: i
     sync(device)
     t0 = time.perf_counter()
     for _ in range(epochs):
-        for xb, yb in train_batches(data, batch_size, gen):
+        for _xb, _yb in train_batches(data, batch_size, gen):
             pass
     sync(device)
     return (time.perf_counter() - t0) / epochs

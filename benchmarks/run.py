@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import gpu, pipeline, precision, sweep, system
+from benchmarks import gpu, pipeline, precision, startup, sweep, system
 from benchmarks.core import (
     SUBSET,
     Context,
@@ -71,6 +71,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("quickstart", sweep.quickstart,
            ("trials_per_hour_quickstart", "quickstart_wall_s", "quickstart_peak_rss_mb"),
            units={"trials_per_hour_quickstart": "1/h", "quickstart_wall_s": "s", "quickstart_peak_rss_mb": "MB"}),
+    Figure("startup", startup.startup, ("startup_help_seconds", "startup_export_seconds"),
+           units={"startup_help_seconds": "s", "startup_export_seconds": "s"}),
     Figure("peak_rss_mb", system.peak_rss_mb, ("peak_rss_mb",), units={"peak_rss_mb": "MB"}, always=True),
 )
 

@@ -14,10 +14,10 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -143,6 +143,10 @@ CASES = [
     # flags
     Case("sweep-n-trials", ["sweep", "good-study.yaml", "--n-trials", "0"], 2, ["--n-trials", ">= 1"]),
     Case("sweep-keep-policy", ["sweep", "good-study.yaml", "--keep-checkpoints", "all"], 2, ["--keep-checkpoints", "all"]),
+    Case("create-only-workers", ["sweep", "good-study.yaml", "--create-only", "--workers", "2"], 2,
+         ["--workers", "tuner worker"]),
+    Case("create-only-device", ["sweep", "good-study.yaml", "--create-only", "--device", "cpu"], 2,
+         ["--device", "--create-only"]),
     Case("sweep-checkpoint-every", ["sweep", "good-study.yaml", "--checkpoint-every", "-1"], 2,
          ["--checkpoint-every", ">= 0"]),
     Case("worker-checkpoint-every-env", ["worker", "--study-name", "base"], 2, ["TUNER_CHECKPOINT_EVERY", "number"],
@@ -177,8 +181,9 @@ def snapshot(ws: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def base_workspace(tmp_path_factory) -> Path:
-    from tuner.artifacts import artifact_dir_for
     from tuner.config import parse_study
+    from tuner.settings import artifact_dir
+    from tuner.storage import StorageURL
     from tuner.sweep import prepare_study
 
     ws = tmp_path_factory.mktemp("bad-input-base")
@@ -186,7 +191,7 @@ def base_workspace(tmp_path_factory) -> Path:
     (ws / "good-params.yaml").write_text(_yaml(GOOD_PARAMS))
     url = f"sqlite:///{ws / 'tuner.db'}"
     prepare_study(parse_study(GOOD_STUDY, file="good-study.yaml"), url, None).engine.dispose()
-    store = artifact_dir_for(url)
+    store = artifact_dir(None, StorageURL.parse(url), env={})
     store.mkdir()
     (store / "00000000-0000-0000-0000-000000000000").write_bytes(b"a checkpoint artifact")
     return ws

@@ -13,10 +13,10 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import ROOT
 from benchmarks.core import Context
 from benchmarks.run import FIGURES, check_registry, parse_args
 from benchmarks.sweep import _timeline
+from conftest import ROOT
 
 
 def test_registry_and_arguments(capsys):
@@ -26,6 +26,26 @@ def test_registry_and_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--only", "warp_speed"])
     assert exc.value.code == 2 and "warp_speed" in capsys.readouterr().err
+
+
+def test_startup_figures_are_registered():
+    by_name = {f.name: f for f in FIGURES}
+    fig = by_name["startup"]
+    assert fig.keys == ("startup_help_seconds", "startup_export_seconds")
+    assert all(fig.units[k] == "s" for k in fig.keys)
+    assert parse_args(["--only", "startup"]).only == {"startup"}
+    assert [f.name for f in FIGURES][-1] == "peak_rss_mb"  # measured last, after every figure
+
+
+def test_startup_study_is_one_export_reads(tmp_path):
+    """The study the start-up figure exports is one `tuner export` accepts (nothing timed here)."""
+    from benchmarks.startup import STUDY, make_study
+    from tuner.export import export_text
+    from tuner.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'tuner.db'}"
+    make_study(url)
+    assert "selected_by: best single run" in export_text(open_storage(url), STUDY)
 
 
 def _trial(number: int, start: datetime, seconds: float, epochs: list[float]) -> FrozenTrial:

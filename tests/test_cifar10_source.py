@@ -12,10 +12,10 @@ import socketserver
 import tarfile
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest

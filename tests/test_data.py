@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from tuner.data import (CIFAR10_CLASSES, SYNTHETIC_CLASSES, augment, clear_cache, load_dataset, load_npz, load_raw,
-                        make_synthetic, normalize, train_batches)
+from tuner.data import (
+    CIFAR10_CLASSES,
+    SYNTHETIC_CLASSES,
+    augment,
+    clear_cache,
+    load_dataset,
+    load_npz,
+    load_raw,
+    make_synthetic,
+    normalize,
+    train_batches,
+)
 from tuner.errors import DataError
-
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from sweeps import study_file, trials
 
 from conftest import run_cli
-from sweeps import study_file, trials
-from tuner.artifacts import DEFAULT_CHECKPOINT_EVERY, Checkpointer, checkpoint_artifacts, checkpoint_every
+from tuner.artifacts import CheckpointPolicy
+from tuner.artifacts import checkpoint_ids as checkpoint_artifacts
 from tuner.config import load_study_file
 from tuner.errors import ConfigError
+from tuner.settings import DEFAULT_CHECKPOINT_EVERY, checkpoint_every
 from tuner.sweep import WorkerOptions, prepare_study, run_worker
 
 
@@ -26,32 +28,32 @@ class Stop:
         self.stop_requested = requested
 
 
-def test_checkpoint_policy(tmp_path):
+def test_checkpoint_policy():
     now = time.monotonic()
-    every = Checkpointer(tmp_path, every=60.0)
-    assert not every._due(1, 5, since=now)  # 60 s have not passed
-    assert every._due(1, 5, since=now - 61)  # they have: the first epoch boundary after them
-    assert not every._due(5, 5, since=now - 61)  # the last epoch: the trial is over, nothing to resume
-    assert Checkpointer(tmp_path, every=0.0)._due(1, 5, since=now)  # 0: every epoch
-    assert Checkpointer(tmp_path, every=60.0, keep="best")._due(5, 5, since=now)  # the kept best needs its weights
-    stopping = Checkpointer(tmp_path, every=60.0, stop=Stop(True))
-    assert stopping._due(2, 5, since=now)  # a signal: the trial is queued to resume from here
-    assert not stopping._due(5, 5, since=now)  # ... unless it just finished
-    assert not Checkpointer(tmp_path, every=60.0, stop=Stop(False))._due(2, 5, since=now)
+    every = CheckpointPolicy(every=60.0)
+    assert not every.due(1, 5, since=now)  # 60 s have not passed
+    assert every.due(1, 5, since=now - 61)  # they have: the first epoch boundary after them
+    assert not every.due(5, 5, since=now - 61)  # the last epoch: the trial is over, nothing to resume
+    assert CheckpointPolicy(every=0.0).due(1, 5, since=now)  # 0: every epoch
+    assert CheckpointPolicy(every=60.0, keep="best").due(5, 5, since=now)  # the kept best needs its weights
+    stopping = CheckpointPolicy(every=60.0, stop=Stop(True))
+    assert stopping.due(2, 5, since=now)  # a signal: the trial is queued to resume from here
+    assert not stopping.due(5, 5, since=now)  # ... unless it just finished
+    assert not CheckpointPolicy(every=60.0, stop=Stop(False)).due(2, 5, since=now)
 
 
-def test_checkpoint_every_from_flag_env_default(monkeypatch):
-    monkeypatch.delenv("TUNER_CHECKPOINT_EVERY", raising=False)
-    assert checkpoint_every(None) == DEFAULT_CHECKPOINT_EVERY == 60.0
-    assert checkpoint_every(0) == 0.0
-    monkeypatch.setenv("TUNER_CHECKPOINT_EVERY", "15")
-    assert checkpoint_every(None) == 15.0
-    assert checkpoint_every(5) == 5.0  # the flag wins
-    monkeypatch.setenv("TUNER_CHECKPOINT_EVERY", "soon")
+def test_checkpoint_every_from_flag_env_default():
+    env: dict[str, str] = {}
+    assert checkpoint_every(None, env) == DEFAULT_CHECKPOINT_EVERY == 60.0
+    assert checkpoint_every(0, env) == 0.0
+    env["TUNER_CHECKPOINT_EVERY"] = "15"
+    assert checkpoint_every(None, env) == 15.0
+    assert checkpoint_every(5, env) == 5.0  # the flag wins
+    env["TUNER_CHECKPOINT_EVERY"] = "soon"
     with pytest.raises(ConfigError, match="TUNER_CHECKPOINT_EVERY"):
-        checkpoint_every(None)
+        checkpoint_every(None, env)
     with pytest.raises(ConfigError, match="--checkpoint-every"):
-        checkpoint_every(-1)
+        checkpoint_every(-1, env)
 
 
 def _sweep(tmp_path: Path, n_trials: int = 3, **opts) -> tuple[str, Path]:
@@ -59,8 +61,9 @@ def _sweep(tmp_path: Path, n_trials: int = 3, **opts) -> tuple[str, Path]:
     space = {"lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}  # no trial diverges: all run 3 epochs
     config = load_study_file(study_file(tmp_path, n_trials=n_trials, pruner="none", space=space))
     prepare_study(config, url, None, keep_checkpoints=opts.pop("keep", None))
-    run_worker(url, "small", WorkerOptions(worker_index=0, handle_signals=False, **opts))
-    return url, tmp_path / "study.db.artifacts"
+    store = tmp_path / "study.db.artifacts"
+    run_worker(url, "small", WorkerOptions(worker_index=0, handle_signals=False, artifact_dir=str(store), **opts))
+    return url, store
 
 
 def _files(folder: Path) -> list[str]:
@@ -88,7 +91,7 @@ def test_short_trials_write_no_checkpoints(tmp_path, one_thread, saves):
     ts = trials(url, "small")
     assert len(ts) == 3 and all(t.user_attrs["epochs"] == 3 for t in ts)
     assert saves == [] and _files(store) == []
-    assert all("checkpoint" not in t.user_attrs and not checkpoint_artifacts(t) for t in ts)
+    assert all(not t.user_attrs.get("checkpoint") and not checkpoint_artifacts(t) for t in ts)
 
 
 def test_keep_best_checkpoints_the_last_epoch_of_the_winner(tmp_path, one_thread, saves):
@@ -96,8 +99,8 @@ def test_keep_best_checkpoints_the_last_epoch_of_the_winner(tmp_path, one_thread
     ts = trials(url, "small")
     assert saves == [3, 3, 3]  # each trial's final weights, nothing before
     best = max((t for t in ts if t.value is not None), key=lambda t: (t.value, -t.number))
-    kept = [t for t in ts if checkpoint_artifacts(t)]
-    assert [t.number for t in kept] == [best.number]  # the others' were deleted
+    kept = [t for t in ts if any((store / i).exists() for i in checkpoint_artifacts(t))]
+    assert [t.number for t in kept] == [best.number]  # the others' files were deleted
     assert best.user_attrs["checkpoint"]["epoch"] == 3
     assert _files(store) == checkpoint_artifacts(best)
 
@@ -106,7 +109,7 @@ def test_checkpoint_every_zero_checkpoints_every_epoch(tmp_path, one_thread, sav
     url, store = _sweep(tmp_path, n_trials=2, checkpoint_every=0.0)
     assert saves == [1, 2, 1, 2]  # not after the last: the trial is over, there is nothing to resume
     assert _files(store) == []  # finished trials' checkpoints are deleted
-    assert all("checkpoint" not in t.user_attrs for t in trials(url, "small"))
+    assert all(t.user_attrs["checkpoint"] is None for t in trials(url, "small"))  # cleared when told
 
 
 def _journal_mode(db: Path) -> str:

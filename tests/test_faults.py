@@ -14,9 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import pytest
@@ -260,7 +260,7 @@ def test_a_second_sigint_aborts_at_once(tmp_path, pg_url):
 def test_a_live_worker_whose_trial_was_judged_stale_goes_on(tmp_path, pg_url):
     """Another worker failed our trial (say after a long database outage) and queued its retry:
     the live worker notices at its next epoch, leaves the trial to the copy, and goes on."""
-    from tuner.faults import queue_retry
+    from tuner import keys
     from tuner.storage import open_storage
 
     name = create_study(tmp_path, pg_url, n_trials=2, epochs=8)
@@ -270,7 +270,7 @@ def test_a_live_worker_whose_trial_was_judged_stale_goes_on(tmp_path, pg_url):
     storage = open_storage(pg_url)
     study = optuna.load_study(study_name=name, storage=storage)
     assert storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
-    assert queue_retry(study, storage.get_trial(victim._trial_id))
+    study.add_trial(keys.retry_template(storage.get_trial(victim._trial_id)))
     storage.engine.dispose()
     assert worker.wait(90) == 0, worker.output()
     assert "Traceback" not in worker.stderr() and f"trial {victim.number} was failed by another worker" in worker.stderr()
@@ -408,99 +408,156 @@ def test_database_down_past_the_retry_bound_exits_1_then_the_study_recovers(tmp_
 
 
 # ---------------------------------------------------------------------------------------------
-# In-process checks of the zombie rule and of retry-safe writes (fast)
+# In-process checks of the worker's gate, reconcile and retry rules, on a real worker (fast)
 # ---------------------------------------------------------------------------------------------
 
-def _worker_storage(url: str, name: str):
-    from tuner.storage import open_storage
-    from tuner.sweep import ATTR_TARGET, CappedStudy
+class opened_worker:
+    """A real `tuner.worker.Worker` on the study, opened (data loaded), with its heartbeat thread."""
 
-    storage = open_storage(url, heartbeat_interval=1, grace_period=2, max_retry=3, cap_key=ATTR_TARGET)
-    study = CappedStudy(name, storage, optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner())
-    return storage, study
+    def __init__(self, url: str, name: str, **opts) -> None:
+        from tuner.faults import StopController
+        from tuner.storage import StorageURL
+        from tuner.worker import Heartbeat, Worker, WorkerOptions
+
+        self.worker = Worker(StorageURL.parse(url), name, WorkerOptions(device="cpu", worker_index=0, **opts),
+                             StopController())
+        self.worker.open()
+        self.beat = Heartbeat(self.worker.storage, self.worker.interval)
+
+    def __enter__(self):
+        self.worker.heartbeat = self.beat.__enter__()
+        return self.worker
+
+    def __exit__(self, *exc) -> None:
+        self.beat.__exit__(*exc)
+        self.worker.close()
 
 
 def _age(url: str, trial_id: int, seconds: float) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        then = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=seconds)
+        then = datetime.now() - timedelta(seconds=seconds)  # Optuna stores local naive datetimes
         conn.execute(sa.text("update trials set datetime_start = :t where trial_id = :i"), {"t": then, "i": trial_id})
     engine.dispose()
 
 
-def test_zombies_without_a_heartbeat_are_reaped_but_live_trials_are_not(tmp_path, pg_url):
-    from tuner.faults import reap
+def test_orphans_of_tuner_workers_are_reaped_but_plain_optuna_trials_are_not(tmp_path, pg_url):
+    from tuner import keys
 
     name = create_study(tmp_path, pg_url, n_trials=10)
-    storage, study = _worker_storage(pg_url, name)
-    sid = study._study_id
-    killed_before_heartbeat = storage.create_new_trial(sid)  # RUNNING, no heartbeat, started long ago
-    _age(pg_url, killed_before_heartbeat, 60)
-    just_started = storage.create_new_trial(sid)  # RUNNING, no heartbeat yet, started now
-    alive = storage.create_new_trial(sid)  # RUNNING, fresh heartbeat
-    storage.record_heartbeat(alive)
-    _age(pg_url, alive, 60)
-    reap(study)
-    reap(study)  # twice, as two workers would: still one retry copy
-    ts = {t._trial_id: t for t in storage.get_all_trials(sid)}
-    assert ts[killed_before_heartbeat].state == TrialState.FAIL
-    assert ts[just_started].state == TrialState.RUNNING and ts[alive].state == TrialState.RUNNING
-    copies = [t for t in ts.values() if t.state == TrialState.WAITING]
-    assert [c.system_attrs["retry_history"] for c in copies] == [[ts[killed_before_heartbeat].number]]
-    storage.engine.dispose()
+    with opened_worker(pg_url, name) as w:
+        sid = w.study_id
+        # a tuner trial popped by a worker that died before its first heartbeat
+        orphan = w.storage.create_new_trial(sid, keys.fresh_template("dead-worker"))
+        w.storage.set_trial_state_values(orphan, TrialState.RUNNING)
+        _age(pg_url, orphan, 60)
+        # a plain ask-and-tell trial, no heartbeat ever, started long ago: not tuner's to fail
+        plain = optuna.load_study(study_name=name, storage=pg_url).ask()
+        _age(pg_url, plain._trial_id, 60)
+        # a tuner trial popped a moment ago: its worker is about to beat
+        young = w.storage.create_new_trial(sid, keys.fresh_template("live-worker"))
+        w.storage.set_trial_state_values(young, TrialState.RUNNING)
+        w.queue_retries()
+        w.queue_retries()  # twice, as two workers would: still one retry copy
+        ts = {t._trial_id: t for t in w.storage.get_all_trials(sid)}
+        assert ts[orphan].state == TrialState.FAIL
+        assert ts[plain._trial_id].state == TrialState.RUNNING and ts[young].state == TrialState.RUNNING
+        copies = [t for t in ts.values() if t.state == TrialState.WAITING]
+        assert [c.system_attrs["retry_history"] for c in copies] == [[ts[orphan].number]]
+    # the plain trial is still the plain user's: its tell works
+    study = optuna.load_study(study_name=name, storage=pg_url)
+    assert study.tell(plain.number, 0.5).state == TrialState.COMPLETE
 
 
-def test_lost_commit_replies_do_not_duplicate_trials_or_claims(tmp_path, pg_url):
-    """A commit that succeeds but whose reply is lost (the connection drops) is retried safely."""
+def test_lost_commit_replies_do_not_duplicate_trials(tmp_path, pg_url):
+    """A commit that succeeds but whose reply is lost (the connection drops) is retried safely:
+    Optuna's own retry queues a duplicate, which the next gate holder voids; a lost claim leaves
+    an orphan that is failed and queued again once its grace period passed."""
     import psycopg
 
-    name = create_study(tmp_path, pg_url, n_trials=10)
-    storage, study = _worker_storage(pg_url, name)
-    sid = study._study_id
-    lose = {"n": 0}
+    from tuner import keys
 
-    def after_commit(_session) -> None:
-        if lose["n"]:
-            lose["n"] -= 1
-            raise sa.exc.OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the connection"))
+    name = create_study(tmp_path, pg_url, n_trials=3)
+    lose = {"n": 0, "what": "", "armed": False}
 
-    sa.event.listen(sa.orm.Session, "after_commit", after_commit)
-    try:
-        lose["n"] = 1
-        tid = storage.create_new_trial(sid)
-        assert lose["n"] == 0 and len(storage.get_all_trials(sid)) == 1
-        template = optuna.trial.create_trial(state=TrialState.WAITING, params={}, distributions={})
-        waiting = storage.create_new_trial(sid, template_trial=template)
-        lose["n"] = 1
-        assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is True  # claimed once, reply lost
-        assert lose["n"] == 0
-        assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False  # nobody claims it again
-        lose["n"] = 1
-        assert storage.set_trial_state_values(tid, TrialState.COMPLETE, [0.5]) is True
-    finally:
-        sa.event.remove(sa.orm.Session, "after_commit", after_commit)
-    states = sorted(t.state.name for t in storage.get_all_trials(sid))
-    assert states == ["COMPLETE", "RUNNING"]
-    storage.engine.dispose()
+    def after_flush(session, _context) -> None:  # what the transaction writes (pre-flush state)
+        trials = [o for o in list(session.new) + list(session.dirty) if type(o).__name__ == "TrialModel"]
+        if lose["what"] == "insert" and any(o in session.new for o in trials):
+            lose["armed"] = True
+        if lose["what"] == "claim" and any(o in session.dirty and o.state == TrialState.RUNNING for o in trials):
+            lose["armed"] = True
+
+    def listen(w, what: str) -> None:
+        dialect = w.storage.engine.dialect
+        real = type(dialect).do_commit
+
+        def do_commit(dbapi_connection) -> None:  # the COMMIT reaches the server, its reply does not
+            real(dialect, dbapi_connection)
+            if lose["n"] and lose["armed"]:
+                lose["n"] -= 1
+                lose["armed"] = False
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        lose.update(n=1, what=what, armed=False)
+        dialect.do_commit = do_commit
+        sa.event.listen(sa.orm.Session, "after_flush", after_flush)
+
+    def unlisten(w) -> None:
+        del w.storage.engine.dialect.do_commit
+        sa.event.remove(sa.orm.Session, "after_flush", after_flush)
+
+    with opened_worker(pg_url, name, retry_seconds=30) as w:
+        listen(w, "insert")  # the reply of the fresh trial's insert is lost
+        try:
+            first = w.lease()
+            assert lose["n"] == 0 and first is not None
+        finally:
+            unlisten(w)
+        ts = w.trials()
+        assert sorted(t.state.name for t in ts) == ["RUNNING", "WAITING"]  # the duplicate, queued twice
+        ts = w.queue_retries()
+        void = [t for t in ts if t.user_attrs.get(keys.VOID)]
+        assert len(void) == 1 and void[0].state == TrialState.FAIL
+        assert keys.budget_used(ts) == 1
+
+        # a lost reply when claiming: the claimed trial is left behind (an orphan), the worker goes on
+        w.storage.create_new_trial(w.study_id, keys.fresh_template("queued"))
+        listen(w, "claim")
+        try:
+            second = w.lease()
+            assert lose["n"] == 0
+        finally:
+            unlisten(w)
+        assert second is not None
+        ts = w.trials()
+        orphan = next(t for t in ts if t.state == TrialState.RUNNING and keys.ENV not in t.user_attrs)
+        _age(pg_url, orphan._trial_id, 60)
+        ts = w.queue_retries()
+        assert next(t for t in ts if t.number == orphan.number).state == TrialState.FAIL
+        assert keys.budget_used(ts) == 3  # first, second, and the orphan's copy: the budget, exactly
+        assert w.lease() is not None  # the orphan's copy
+        assert w.lease() is None  # the budget is used up
 
 
-def test_the_budget_is_checked_in_the_transaction_that_creates_a_trial(tmp_path, pg_url):
-    from tuner.faults import queue_retry
-    from tuner.resilient import NoMoreTrials
+def test_the_budget_gate_counts_before_it_queues(tmp_path, pg_url):
+    from tuner import keys
 
     name = create_study(tmp_path, pg_url, n_trials=2)
-    storage, study = _worker_storage(pg_url, name)
-    sid = study._study_id
-    a = storage.create_new_trial(sid)
-    storage.create_new_trial(sid)
-    with pytest.raises(NoMoreTrials):
-        storage.create_new_trial(sid)
-    assert queue_retry(study, storage.get_trial(a), interrupted=True) is True  # the copy replaces trial a
-    assert queue_retry(study, storage.get_trial(a), interrupted=True) is False  # at most one copy
-    storage.set_trial_state_values(a, TrialState.FAIL)
-    with pytest.raises(NoMoreTrials):  # still 2: trial a is replaced by its copy
-        storage.create_new_trial(sid)
-    storage.engine.dispose()
+    with opened_worker(pg_url, name) as w:
+        a, b = w.lease(), w.lease()
+        assert a is not None and b is not None
+        assert w.lease() is None
+        # a is stopped by a signal: its copy replaces it and the budget stays 2
+        a.trial.set_user_attr(keys.INTERRUPTED, True)
+        w.study.tell(a.trial, state=TrialState.FAIL)
+        ts = w.queue_retries()
+        ts = w.queue_retries()
+        copies = [t for t in ts if t.state == TrialState.WAITING]
+        assert [c.system_attrs["retry_history"] for c in copies] == [[a.trial.number]]
+        assert keys.budget_used(ts) == 2
+        c = w.lease()
+        assert c is not None and c.retried and c.trial.number == copies[0].number
+        assert w.lease() is None
 
 
 def test_db_retry_bound_must_be_a_number(tmp_path, cli):
@@ -515,7 +572,7 @@ def test_which_database_errors_are_retried():
     import psycopg
     from psycopg import errors as pg
 
-    from tuner.resilient import is_transient
+    from tuner.storage import is_transient
 
     def wrapped(orig: Exception, cls=sa.exc.OperationalError) -> Exception:
         try:
@@ -534,3 +591,4 @@ def test_which_database_errors_are_retried():
     assert not is_transient(wrapped(sqlite3.OperationalError("no such table: trials")))
     assert not is_transient(wrapped(pg.UniqueViolation("duplicate key"), sa.exc.IntegrityError))
     assert not is_transient(ValueError("Cannot tell a FAIL trial."))
+    assert is_transient(wrapped(pg.QueryCanceled("canceling statement due to statement timeout")))

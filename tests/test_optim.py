@@ -43,7 +43,8 @@ def shape_after_warmup(sched: ScheduleParams, q: float, epochs_after: float) -> 
 @pytest.mark.parametrize("name", [n for n in SCHEDULES if n != "onecycle"])
 @pytest.mark.parametrize("warmup", [0.0, 0.1, 0.25])
 def test_warmup_then_named_shape(name: str, warmup: float) -> None:
-    sched = ScheduleParams(name=name, warmup_fraction=warmup, min_lr_fraction=0.1 if name in ("cosine", "linear") else 0.0)
+    floor = 0.1 if name in ("cosine", "linear") else 0.0
+    sched = ScheduleParams(name=name, warmup_fraction=warmup, min_lr_fraction=floor)
     values = curve(sched)
     w = round(warmup * TOTAL)
     assert all(v > 0 for v in values)

@@ -12,9 +12,21 @@ import yaml
 import tuner.params as params_module
 from tuner.errors import ConfigError
 from tuner.models import MODELS
-from tuner.params import (CLIP_MODES, OPTIMIZERS, PRECISIONS, SCHEDULES, ClippingParams, OptimizerParams,
-                          ScheduleParams, TrainingParams, TrialParams, check_override, dump_params, load_params,
-                          parse_params)
+from tuner.params import (
+    CLIP_MODES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    ClippingParams,
+    OptimizerParams,
+    ScheduleParams,
+    TrainingParams,
+    TrialParams,
+    check_override,
+    dump_params,
+    load_params,
+    parse_params,
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -12,14 +14,30 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, cli_main, run_cli
+from tuner import keys
 from tuner.config import parse_study
-from tuner.export import ATTR_VERIFY
-from tuner.report import (CONTOUR_PAIRS, MIN_CONTOUR_POINTS, StudyData, build_report, contour_info, curves_info,
-                          grad_info, history_info, importance_info, knobs_of, load_study_data, parallel_info,
-                          report_sections, slice_info, study_data_from_trials, timeline_info, top_info)
+from tuner.report import (
+    CONTOUR_PAIRS,
+    MIN_CONTOUR_POINTS,
+    StudyData,
+    build_report,
+    contour_info,
+    curves_info,
+    grad_info,
+    history_info,
+    importance_info,
+    knobs_of,
+    load_study_data,
+    parallel_info,
+    report_sections,
+    slice_info,
+    study_data_from_trials,
+    timeline_info,
+    top_info,
+)
 from tuner.space import KNOBS, suggest
 from tuner.storage import open_storage
-from tuner.sweep import ATTR_CONFIG, WorkerOptions, run_sweep
+from tuner.sweep import WorkerOptions, run_sweep
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -178,8 +196,7 @@ def test_importances_are_keyed_by_knob_names() -> None:
 
 
 def test_history_parallel_contour_grad_timeline_top() -> None:
-    data = data_of(mixed_trials(), verify={"3": {"mean": 0.75, "std": 0.02, "values": [0.73, 0.77],
-                                                 "seeds": [1000, 1001], "n": 2}})
+    data = data_of(mixed_trials(), verify={3: {1000: 0.73, 1001: 0.77}})  # as keys.verify_records gives
     h = history_info(data)
     assert h.numbers == [0, 3, 5, 6] and h.best_so_far == [0.6, 0.8, 0.8, 0.8]
     assert (1, "pruned", 0.1) in h.other and (2, "diverged", 0.2) in h.other
@@ -208,7 +225,9 @@ def test_history_parallel_contour_grad_timeline_top() -> None:
 
     top = top_info(data, k=2)
     assert [r["trial"] for r in top.rows] == [3, 5] and top.verified
-    assert top.rows[0]["verified"]["mean"] == 0.75
+    assert top.rows[0]["verified"]["mean"] == pytest.approx(0.75)
+    assert top.rows[0]["verified"]["std"] == pytest.approx(0.0282843, abs=1e-6)  # sample std
+    assert top.rows[0]["verified"]["n"] == 2 and top.rows[1]["verified"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +290,7 @@ def test_degenerate_study_from_storage_via_cli(tmp_path: Path, capsys: pytest.Ca
 def test_real_study_info(real: tuple[str, StudyData]) -> None:
     url, data = real
     study = optuna.load_study(study_name="tiny", storage=url)
-    assert data.config == study.user_attrs[ATTR_CONFIG]
+    assert data.config == study.user_attrs[keys.CONFIG]
     states = {t.number: t for t in study.trials}
     curves = curves_info(data)
     for c in curves.curves:
@@ -337,11 +356,31 @@ def test_verified_stats_show_in_the_report(real: tuple[str, StudyData]) -> None:
     storage = open_storage(url)
     sid = storage.get_study_id_from_name("tiny")
     best = max((t for t in storage.get_all_trials(sid) if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-    storage.set_study_user_attr(sid, ATTR_VERIFY, {str(best.number): {"mean": 0.4242, "std": 0.0101,
-                                                                      "values": [0.4141, 0.4343],
-                                                                      "seeds": [1000, 1001], "n": 2}})
+    # one study user attr per run (`tuner_verify:N:S`); mean 0.4242, sample std 0.0101
+    runs = {keys.verify_key(best.number, 1000): 0.4242 - 0.0071418,
+            keys.verify_key(best.number, 1001): 0.4242 + 0.0071418}
+    for key, value in runs.items():
+        storage.set_study_user_attr(sid, key, value)
     try:
         page = build_report(load_study_data(storage, "tiny"))
         assert "0.4242 ± 0.0101 (2)" in page and "verified mean ± std (n)" in page
     finally:
-        storage.set_study_user_attr(sid, ATTR_VERIFY, {})
+        for key in runs:
+            storage.set_study_user_attr(sid, key, None)  # not a number: no longer a record
+
+
+def test_report_and_compare_do_not_import_torch(tmp_path: Path) -> None:
+    """`tuner report` and `tuner compare` read a storage and draw: torch (seconds to import) stays out."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    for name in ("a", "b"):
+        study = optuna.create_study(storage=url, study_name=name, direction="maximize")
+        study.add_trial(trial(TrialState.COMPLETE, [0.3, 0.5], lr=1e-3))
+    code = ("import sys\nfrom tuner.cli import main\n"
+            f"for args in (['report', 'a', '--storage', {url!r}, '-o', {str(tmp_path / 'r.html')!r}],\n"
+            f"             ['compare', 'a', 'b', '--storage', {url!r}, '-o', {str(tmp_path / 'c.html')!r}]):\n"
+            "    try:\n        main(args)\n    except SystemExit as exc:\n        assert not exc.code, exc.code\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "no torch"
+    assert (tmp_path / "r.html").is_file() and (tmp_path / "c.html").is_file()

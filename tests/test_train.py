@@ -16,8 +16,15 @@ from tuner.data import DeviceData, load_dataset
 from tuner.errors import CheckpointError
 from tuner.models import build_model
 from tuner.params import TrialParams, parse_params
-from tuner.train import (CHECKPOINT_FORMAT, EpochRecord, TrainResult, device_settings, load_checkpoint,
-                         save_checkpoint, train)
+from tuner.train import (
+    CHECKPOINT_FORMAT,
+    EpochRecord,
+    TrainResult,
+    device_settings,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 SPEC = "synthetic:200"  # 180 train / 20 val images: a fraction of a second per epoch with the tiny net
 RECORD_KEYS = {f.name for f in dataclasses.fields(EpochRecord)}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 from pathlib import Path
 
 import optuna
@@ -12,19 +13,17 @@ import yaml
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, cli_main, run_cli
+from tuner import keys
 from tuner.config import parse_study
 from tuner.errors import ConfigError, TunerError
-from tuner.export import ATTR_VERIFY, choose_best, export_text
+from tuner.export import choose_best, export_text, write_export
 from tuner.storage import open_storage
-from tuner.sweep import ATTR_CONFIG, WorkerOptions, run_sweep
-from tuner.verify import SEED_BASE, _record, read_entries, run_verify, stats, verify_seeds
+from tuner.sweep import WorkerOptions, run_sweep
+from tuner.verify import SEED_BASE, read_records, record, run_verify, stats, summary, verify_seeds
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 TINY = {
@@ -45,7 +44,7 @@ def params(lr: float, seed: int = 0) -> dict:
 
 def constructed(url: str, values: list[float], name: str = "c", lrs: list[float] | None = None) -> optuna.Study:
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
-    study.set_user_attr(ATTR_CONFIG, {**parse_study({**TINY, "name": name}).to_dict()})
+    study.set_user_attr(keys.CONFIG, {**parse_study({**TINY, "name": name}).to_dict()})
     for i, v in enumerate(values):
         study.add_trial(create_trial(state=TrialState.COMPLETE, value=v,
                                      user_attrs={"params": params((lrs or [])[i] if lrs else 1e-2 * (i + 1))}))
@@ -58,16 +57,20 @@ def test_seeds_and_stats() -> None:
     assert stats([0.5]) == (0.5, 0.0)
     mean, std = stats([0.5, 0.7, 0.6])
     assert mean == pytest.approx(0.6) and std == pytest.approx(statistics.stdev([0.5, 0.7, 0.6]))
+    s = summary({1001: 0.7, 1000: 0.5})
+    assert s["seeds"] == [1000, 1001] and s["values"] == [0.5, 0.7] and s["n"] == 2
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
 
 
 def test_export_prefers_the_best_mean_written_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The best single run (trial 0, lucky) is not the best mean (trial 1): export picks trial 1."""
+    """The best single run (trial 0, lucky) is not the best mean (trial 1): export picks trial 1.
+    The records are in the legacy single `tuner_verify` dict, which is still read."""
     url = f"sqlite:///{tmp_path / 'h.db'}"
     study = constructed(url, [0.90, 0.85, 0.80])
     storage = open_storage(url)
     best, block = choose_best(storage, "c")
     assert best.number == 0 and block["selected_by"] == "best single run"
-    study.set_user_attr(ATTR_VERIFY, {
+    study.set_user_attr(keys.VERIFY_LEGACY, {
         "0": {"mean": 0.70, "std": 0.15, "values": [0.9, 0.6, 0.6], "seeds": [1000, 1001, 1002], "n": 3},
         "1": {"mean": 0.82, "std": 0.02, "values": [0.8, 0.84, 0.82], "seeds": [1000, 1001, 1002], "n": 3},
         "2": {"mean": 0.99, "std": 0.0, "values": [], "seeds": [], "n": 0},  # nothing run: ignored
@@ -75,13 +78,31 @@ def test_export_prefers_the_best_mean_written_by_hand(tmp_path: Path, capsys: py
     })
     best, block = choose_best(storage, "c")
     assert best.number == 1
-    assert block["selected_by"] == "verified mean over seeds" and block["mean"] == 0.82
+    assert block["selected_by"] == "verified mean over seeds" and block["mean"] == pytest.approx(0.82)
     assert block["seeds"] == [1000, 1001, 1002] and block["value"] == 0.85 and block["trial"] == 1
     exported = yaml.safe_load(export_text(storage, "c"))
     assert exported["optimizer"]["lr"] == pytest.approx(0.02) and exported["study"]["trial"] == 1
     code, out, err = cli_main(capsys, "export", "c", "--storage", url)
     assert code == 0, err
     assert yaml.safe_load(out)["study"]["selected_by"] == "verified mean over seeds"
+
+
+def test_export_reads_per_record_keys_with_legacy_ones(tmp_path: Path) -> None:
+    """Per-record keys and the legacy dict are one set of records; export writes its file atomically."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    study = constructed(url, [0.90, 0.85, 0.80], name="k")
+    study.set_user_attr(keys.VERIFY_LEGACY, {"1": {"values": [0.80], "seeds": [1000], "n": 1}})
+    study.set_user_attr(keys.verify_key(1, 1001), 0.84)
+    study.set_user_attr(keys.verify_key(0, 1000), 0.60)
+    study.set_user_attr(keys.verify_key(9, 1000), 0.99)  # no such COMPLETE trial: ignored
+    storage = open_storage(url)
+    best, block = choose_best(storage, "k")
+    assert best.number == 1 and block["seeds"] == [1000, 1001]
+    assert block["mean"] == pytest.approx(0.82) and block["std"] == pytest.approx(statistics.stdev([0.8, 0.84]))
+    out = tmp_path / "sub" / "best.yaml"
+    text = write_export(storage, "k", out)
+    assert out.read_text(encoding="utf-8") == text and yaml.safe_load(text)["study"]["trial"] == 1
+    assert [p.name for p in out.parent.iterdir()] == ["best.yaml"]  # no temp file left behind
 
 
 def test_verify_real_runs_store_resume_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,9 +122,10 @@ def test_verify_real_runs_store_resume_and_export(tmp_path: Path, capsys: pytest
 
     with pytest.raises(KeyboardInterrupt):
         run_verify(storage, "v", top=2, n_seeds=2, device="cpu", on_run=stop_after_one)
-    entries = read_entries(storage, sid)
-    assert list(entries) == [str(top[0].number)] and entries[str(top[0].number)]["seeds"] == [1000]
-    assert entries[str(top[0].number)]["n"] == 1 and entries[str(top[0].number)]["std"] == 0.0
+    records = read_records(storage, sid)
+    assert list(records) == [top[0].number] and list(records[top[0].number]) == [1000]
+    attrs = storage.get_study_user_attrs(sid)
+    assert keys.verify_key(top[0].number, 1000) in attrs and keys.VERIFY_LEGACY not in attrs
 
     # the CLI continues: 3 runs left, plain lines (not a TTY), then the table
     r = run_cli("verify", "v", "--top", "2", "--seeds", "2", "--storage", url, "--device", "cpu", cwd=tmp_path,
@@ -111,14 +133,15 @@ def test_verify_real_runs_store_resume_and_export(tmp_path: Path, capsys: pytest
     assert r.returncode == 0, r.stderr
     assert "3 runs to do (1 already stored)" in r.stdout
     assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("run ")] == ["1/3", "2/3", "3/3"]
-    entries = read_entries(storage, sid)
-    assert set(entries) == {str(t.number) for t in top}
+    records = read_records(storage, sid)
+    assert set(records) == {t.number for t in top}
+    entries = {str(n): summary(by_seed) for n, by_seed in records.items()}
     for t in top:
         e = entries[str(t.number)]
         assert e["seeds"] == [1000, 1001] and e["n"] == 2 and len(e["values"]) == 2
         assert e["mean"] == pytest.approx(statistics.fmean(e["values"]))
         assert e["std"] == pytest.approx(statistics.stdev(e["values"]))
-        assert all(0.0 <= v <= 1.0 for v in e["values"]) and len(e["test_values"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in e["values"])
         assert f"{e['mean']:.4f} ± {e['std']:.4f}" in r.stdout
     assert seen[0].value == entries[str(top[0].number)]["values"][0]  # the interrupted run was kept
 
@@ -156,17 +179,54 @@ def test_a_config_that_diverges_counts_as_zero(tmp_path: Path) -> None:
     assert choose_best(storage, "d")[0].number == 1
 
 
-def test_record_skips_a_seed_stored_twice(tmp_path: Path) -> None:
+def test_a_record_is_one_key(tmp_path: Path) -> None:
+    """Each (trial, seed) is its own study attr holding the value; storing it again replaces only it."""
     url = f"sqlite:///{tmp_path / 's.db'}"
     constructed(url, [0.5], name="s")
     storage = open_storage(url)
     sid = storage.get_study_id_from_name("s")
-    _record(storage, sid, 0, 1000, 0.5, 0.4, False)
-    _record(storage, sid, 0, 1000, 0.9, 0.9, False)
-    _record(storage, sid, 0, 1001, 0.7, None, False)
-    e = read_entries(storage, sid)["0"]
-    assert e["values"] == [0.5, 0.7] and e["seeds"] == [1000, 1001] and e["test_values"] == [0.4, None]
-    assert e["mean"] == pytest.approx(0.6)
+    record(storage, sid, 0, 1000, 0.5)
+    record(storage, sid, 0, 1001, 0.7)
+    record(storage, sid, 0, 1000, 0.5)
+    attrs = storage.get_study_user_attrs(sid)
+    assert attrs[keys.verify_key(0, 1000)] == 0.5 and attrs[keys.verify_key(0, 1001)] == 0.7
+    assert read_records(storage, sid) == {0: {1000: 0.5, 1001: 0.7}}
+    assert summary(read_records(storage, sid)[0])["mean"] == pytest.approx(0.6)
+
+
+def test_two_verify_writers_keep_both_records(tmp_path: Path) -> None:
+    """Two verify processes on one study (here: two threads, each with its own storage and connection
+    pool) store records at the same time. Each record is its own key, so none is lost; with the
+    former single shared dict, each writer's read-modify-write dropped the other's records."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    constructed(url, [0.9, 0.8], name="w")
+    errors: list[BaseException] = []
+
+    def writer(trial: int, seeds: range) -> None:
+        try:
+            storage = open_storage(url)
+            sid = storage.get_study_id_from_name("w")
+            barrier.wait()
+            for seed in seeds:
+                storage.get_study_user_attrs(sid)  # what a writer reads between runs (resume planning)
+                record(storage, sid, trial, seed, seed / 10_000)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(0, range(1000, 1020))),
+               threading.Thread(target=writer, args=(0, range(2000, 2020))),
+               threading.Thread(target=writer, args=(1, range(1000, 1020)))]
+    barrier = threading.Barrier(len(threads))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    storage = open_storage(url)
+    records = read_records(storage, storage.get_study_id_from_name("w"))
+    assert sorted(records[0]) == [*range(1000, 1020), *range(2000, 2020)]
+    assert sorted(records[1]) == list(range(1000, 1020))
+    assert all(v == s / 10_000 for n in records for s, v in records[n].items())
 
 
 def test_verify_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from sweeps import assert_clean_finish, study_file
 
 

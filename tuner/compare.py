@@ -20,11 +20,12 @@ from typing import Any
 
 import optuna
 
-from .report import Section, StudyData, load_study_data, render_page, write_html
+from .report.data import StudyData, load_study_data
+from .report.page import Section, render_page, write_html
+from .report.style import PALETTE
 
 TARGET_FRACTION = 0.95
 TOP_N = 5
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
 @dataclass
@@ -229,8 +230,8 @@ def best_curve_figure(info: CompareInfo, by: str = "trials") -> Any:
 
 def final_figure(info: CompareInfo) -> Any:
     """The final val accuracies of COMPLETE trials: overlaid histograms and box plots."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.08,
                         subplot_titles=("histogram", "box (every trial shown)"))

@@ -89,8 +89,8 @@ TOP_KEYS = ("name", "direction", "dataset", "model", "epochs", "batch_size", "se
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     """Validate a study mapping (from a file, or as stored in a study)."""
-    from .registry import PRUNERS, SAMPLERS  # the registry names are the valid values
     from .models import MODELS
+    from .registry import PRUNERS, SAMPLERS  # the registry names are the valid values
 
     c = Checker(data, file=file, prefix="", allowed=TOP_KEYS)
     if not c.has("name"):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -70,12 +70,10 @@ class DeviceData:
 # ---------------------------------------------------------------------------------------------
 
 def default_data_dir() -> Path:
-    """`TUNER_DATA_DIR`, else the per-user cache dir (~/.cache/tuner/data)."""
-    env = os.environ.get("TUNER_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tuner" / "data"
+    """`TUNER_DATA_DIR`, else the per-user cache dir (~/.cache/tuner/data); see settings.py."""
+    from .settings import data_dir
+
+    return data_dir(None).expanduser()
 
 
 def load_raw(spec: str, data_dir: str | Path | None = None) -> RawDataset:

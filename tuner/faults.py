@@ -1,16 +1,9 @@
-"""Fault handling for workers: retry copies of crashed or interrupted trials, the zombie reaper,
-and graceful stops on SIGINT/SIGTERM.
+"""Graceful stops on SIGINT/SIGTERM for one worker process.
 
-- A trial whose worker died (kill -9, OOM, lost machine) stays RUNNING with an old heartbeat, or
-  none. `reap()` fails it and queues a WAITING retry copy (same params; system attrs
-  `failed_trial` / `retry_history` as Optuna's RetryHeartbeatStaleTrialCallback writes them); the
-  copy resumes from the last checkpoint of its predecessors (see `artifacts.Checkpointer`).
-  Workers reap when they start, before each trial (Optuna), and every heartbeat interval in a
-  background thread.
-- The first SIGINT/SIGTERM stops taking trials; the running trial ends at its next epoch boundary
-  with a checkpoint, gets a retry copy (marked `tuner_interrupted`, not counted against
-  `max_retry`) and is told FAIL. The worker then exits 128+signal (130, 143). A second signal
-  aborts at once (KeyboardInterrupt).
+The first SIGINT/SIGTERM stops taking trials; a running trial ends at its next epoch boundary with
+a checkpoint, is marked `interrupted`, told FAIL and gets a retry copy (not counted against
+`max_retry`). The worker then exits 128+signal (130, 143). A second signal aborts at once
+(KeyboardInterrupt); the trial is still queued to resume, best effort.
 """
 
 from __future__ import annotations
@@ -18,22 +11,13 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import warnings
 from typing import Any
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-
 from .errors import TunerError
-from .resilient import CLAIM_ATTR, INTERRUPTED_ATTR, TOKEN_ATTR, DuplicateRetry
-
-# user attrs of a failed trial that its retry copy must not inherit
-DROP_USER_ATTRS = ("checkpoint", "resumed_from_epoch", "resumed_from_trial", "error", "seconds", "history",
-                   "epochs", "interrupted")
 
 
 class GracefulStop(Exception):
-    """Raised at an epoch boundary after a stop signal; the trial has been queued to resume."""
+    """Raised at an epoch boundary after a stop signal, once the trial's checkpoint is saved."""
 
 
 class Interrupted(TunerError):
@@ -44,74 +28,6 @@ class Interrupted(TunerError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + int(signum)
-
-
-def retry_template(trial: FrozenTrial, *, interrupted: bool = False) -> FrozenTrial:
-    """A WAITING copy of `trial` with Optuna's retry system attrs (`failed_trial`, `retry_history`)."""
-    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-    system = {k: v for k, v in trial.system_attrs.items()
-              if not k.startswith("artifacts:") and k not in (TOKEN_ATTR, CLAIM_ATTR)}
-    system["failed_trial"] = trial.system_attrs.get("failed_trial", trial.number)
-    system["retry_history"] = history
-    if interrupted:
-        system[INTERRUPTED_ATTR] = list(trial.system_attrs.get(INTERRUPTED_ATTR, [])) + [trial.number]
-    user = {k: v for k, v in trial.user_attrs.items() if k not in DROP_USER_ATTRS}
-    return optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
-                                     distributions=trial.distributions, user_attrs=user, system_attrs=system)
-
-
-def queue_retry(study: optuna.Study, trial: FrozenTrial, *, interrupted: bool = False) -> bool:
-    """Add the retry copy of `trial` unless one exists. True if this call added it."""
-    try:
-        study._storage.create_new_trial(study._study_id, template_trial=retry_template(trial, interrupted=interrupted))
-    except DuplicateRetry:
-        return False
-    return True
-
-
-class ResumeRetryCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
-    """RetryHeartbeatStaleTrialCallback that adds a copy at most once per failed trial, drops the
-    failed trial's checkpoint attrs from the copy, and does not count signal stops as retries."""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        crashes = len(trial.system_attrs.get("retry_history", [])) + 1 - len(trial.system_attrs.get(INTERRUPTED_ATTR, []))
-        if self._max_retry is not None and crashes > self._max_retry:
-            return
-        queue_retry(study, trial)
-
-
-def reap(study: optuna.Study) -> None:
-    """Fail stale RUNNING trials of the study and queue their retries (see storage's staleness rule)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
-
-
-class Reaper:
-    """Reaps stale trials every `interval` seconds in a daemon thread until stopped."""
-
-    def __init__(self, study: optuna.Study, interval: float) -> None:
-        self.study = study
-        self.interval = max(0.5, float(interval))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tuner-reaper", daemon=True)
-
-    def start(self) -> "Reaper":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                reap(self.study)
-            except Exception:  # noqa: BLE001 - the main thread reports a dead database
-                if getattr(self.study._storage, "_backend", None) is not None and \
-                        getattr(self.study._storage._backend, "gave_up", False):
-                    return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 class StopController:
@@ -128,7 +44,7 @@ class StopController:
     def stop_requested(self) -> bool:
         return self.event.is_set()
 
-    def install(self) -> "StopController":
+    def install(self) -> StopController:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)

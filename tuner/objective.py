@@ -1,99 +1,176 @@
-"""The bridge from Optuna to the trainer: sample, train, report each epoch, prune, record attrs."""
+"""The bridge from an Optuna trial to the trainer: sample, train, report each epoch, ask the
+pruner, checkpoint, record attrs. It is the only code that touches a running `optuna.Trial`; the
+trainer (train.py) knows nothing of Optuna, and the worker loop (worker.py) only asks and tells.
+
+Every storage write goes through the worker's `retry` step (storage.Retry), so a database restart
+in the middle of a trial costs a pause, not the trial. Each step is safe to repeat: reports and
+attrs are upserts.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import platform
+import shutil
+import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import optuna
-import torch
+from optuna.trial import TrialState
 
+from . import keys
+from .artifacts import CheckpointPolicy, CheckpointStore
 from .config import StudyConfig
-from .data import DeviceData
+from .errors import CheckpointError
 from .faults import GracefulStop
-from .resilient import set_user_attrs
 from .space import suggest
-from .train import EpochRecord, TrainResult, train
-
-# user attrs every trial gets (the report and export read these)
-ATTR_PARAMS = "params"  # the full params in the export format
-ATTR_HISTORY = "history"  # per-epoch records, with gradient-norm statistics and clip fraction
-ATTR_SECONDS = "seconds"
-ATTR_EPOCHS = "epochs"
-ATTR_DIVERGED = "diverged"
-ATTR_ERROR = "error"
-ATTR_ENV = "env"  # device, torch and optuna versions, host
 
 
-def environment(device: torch.device) -> dict[str, str]:
+def environment(device: Any, worker: str | None = None) -> dict[str, str]:
+    """What a trial ran on: device, torch and Optuna versions, host (and the worker's id)."""
+    import torch
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "optuna": optuna.__version__, "host": platform.node()}
+    env = {"device": str(device), "device_name": name, "torch": torch.__version__,
+           "optuna": optuna.__version__, "host": platform.node()}
+    if worker:
+        env["worker"] = worker
+    return env
 
 
-def plain_train(params: Any, data: DeviceData, *, on_epoch: Callable, trial: optuna.Trial) -> TrainResult:
-    """The engine without checkpoints (the default `train_fn`)."""
-    return train(params, data, on_epoch=on_epoch)
+@dataclass
+class Outcome:
+    """How a trial ended, for `study.tell`."""
+
+    state: TrialState
+    value: float | None = None
+    note: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # the trial's checkpoint file, to delete once it is told
 
 
-def record_failures(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
-    """Store the reason of an exception in the trial (user attr `error`); Optuna marks it FAIL."""
+def _warn(message: str) -> None:
+    import sys
 
-    def guarded(trial: optuna.Trial) -> float:
-        try:
-            return objective(trial)
-        except (optuna.TrialPruned, GracefulStop):  # GracefulStop: a signal; the trial was queued to resume
-            raise
-        except Exception as exc:
-            from .errors import redact
-
-            # UpdateFinishedTrialError: another worker judged this trial stale and failed it
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                trial.set_user_attr(ATTR_ERROR, redact(f"{type(exc).__name__}: {exc}")[:2000])
-            raise
-
-    return guarded
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Objective:
-    """`objective(trial) -> final val accuracy`. Pruned and diverged trials raise TrialPruned.
+    """Runs one trial: `run(trial, resume) -> Outcome`. Pruned and diverged trials end PRUNED; an
+    exception in training ends FAIL with user attr `error`. A stop signal raises GracefulStop at
+    the first epoch boundary that has its checkpoint."""
 
-    `train_fn` is the engine's `train`; workers pass `artifacts.Checkpointer`, which checkpoints
-    every epoch into the study's artifact store and resumes retried trials.
-    """
-
-    def __init__(self, config: StudyConfig, data: DeviceData,
-                 train_fn: Callable[..., TrainResult] = plain_train) -> None:
+    def __init__(self, config: StudyConfig, data: Any, *, retry: Callable[..., Any] | None = None,
+                 store: CheckpointStore | None = None, policy: CheckpointPolicy | None = None) -> None:
         self.config = config
         self.data = data
-        self.train_fn = train_fn
-        self.env = environment(data.device)
+        self.retry = retry or (lambda fn, recover=None: fn())
+        self.store = store
+        self.policy = policy or CheckpointPolicy()
+        self._tmp = Path(tempfile.mkdtemp(prefix="tuner-ckpt-"))
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest(trial, self.config.space, self.config.training)
-        set_user_attrs(trial, {ATTR_PARAMS: params.to_dict(), ATTR_ENV: self.env})
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def run(self, trial: optuna.Trial, resume: tuple[int, dict[str, Any]] | None = None,
+            retried: bool = False) -> Outcome:
+        from .train import train
+
+        retry = self.retry
+        params = retry(lambda: suggest(trial, self.config.space, self.config.training))
+        retry(lambda: trial.set_user_attr(keys.PARAMS, params.to_dict()))
         started = time.perf_counter()
+        local = self._tmp / f"trial-{trial.number}.pt"
+        resume_file = self._download(trial.number, resume, params)
+        if resume_file is not None:
+            number, state = resume[0], resume_file[1]  # type: ignore[index]
+            retry(lambda: trial.set_user_attr(keys.RESUMED, int(state["epoch"])))
+            retry(lambda: trial.set_user_attr(keys.RESUMED_TRIAL, number))
+            for rec in state["history"]:  # the earlier epochs of the learning curve
+                retry(lambda rec=rec: trial.report(float(rec["val_accuracy"]), int(rec["epoch"])))
+        elif retried:
+            retry(lambda: trial.set_user_attr(keys.RESUMED, 0))
 
-        def on_epoch(record: EpochRecord) -> bool:
-            trial.report(record.val_accuracy, record.epoch)
-            return trial.should_prune()
+        total = params.training.epochs
+        saved: dict[str, Any] = {"at": time.monotonic(), "epoch": -1, "id": None}
+        stop = self.policy.stop
+
+        def when(record: Any) -> bool:
+            if self.store is None or not self.policy.due(record.epoch, total, saved["at"]):
+                return False
+            saved["at"], saved["epoch"] = time.monotonic(), record.epoch
+            return True
+
+        def on_epoch(record: Any) -> bool:
+            if saved["epoch"] == record.epoch and self.store is not None:
+                if saved["id"] is None:
+                    saved["id"] = self.store.new_id(trial.number)
+                self.store.write(saved["id"], local)
+                retry(lambda: trial.set_user_attr(keys.CHECKPOINT, {"artifact_id": saved["id"],
+                                                                    "epoch": record.epoch}))
+            retry(lambda: trial.report(record.val_accuracy, record.epoch))
+            prune = bool(retry(trial.should_prune))
+            # a signal stops the trial at the first epoch boundary that has its checkpoint (one that
+            # came after `when` decided for this epoch waits for the next)
+            if (not prune and stop is not None and stop.stop_requested and record.epoch < total
+                    and saved["epoch"] == record.epoch):
+                raise GracefulStop(f"stopped by a signal after epoch {record.epoch}")
+            return prune
 
         try:
-            result = self.train_fn(params, self.data, on_epoch=on_epoch, trial=trial)
-        except BaseException:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                trial.set_user_attr(ATTR_SECONDS, time.perf_counter() - started)
+            result = train(params, self.data, on_epoch=on_epoch,
+                           checkpoint_path=local if self.store is not None else None, checkpoint_when=when,
+                           resume_from=resume_file[0] if resume_file is not None else None)
+        except (GracefulStop, KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError):
             raise
-        attrs: dict[str, Any] = {ATTR_SECONDS: time.perf_counter() - started, ATTR_HISTORY: result.history,
-                                 ATTR_EPOCHS: result.epochs}
+        except Exception as exc:  # noqa: BLE001 - the trial fails, the sweep goes on
+            from .errors import StorageError, redact
+
+            if isinstance(exc, StorageError):
+                raise
+            return Outcome(TrialState.FAIL, note=f"{type(exc).__name__}: {exc}", attrs={
+                keys.ERROR: redact(f"{type(exc).__name__}: {exc}")[:2000],
+                keys.SECONDS: time.perf_counter() - started})
+        finally:
+            for p in (local, self._tmp / f"resume-{trial.number}.pt"):
+                p.unlink(missing_ok=True)
+
+        attrs: dict[str, Any] = {keys.SECONDS: time.perf_counter() - started, keys.HISTORY: result.history,
+                                 keys.EPOCHS: result.epochs}
         if result.outcome == "diverged":
-            attrs.update({ATTR_DIVERGED: True, "diverged_at": result.diverged_at})
-        set_user_attrs(trial, attrs)
-        if result.outcome == "diverged":
-            raise optuna.TrialPruned(f"diverged at epoch {(result.diverged_at or {}).get('epoch')}")
-        if result.outcome == "stopped":
-            raise optuna.TrialPruned(f"pruned at epoch {result.epochs}")
-        assert result.val_accuracy is not None
-        return result.val_accuracy
+            attrs.update({keys.DIVERGED: True, keys.DIVERGED_AT: result.diverged_at})
+            epoch = (result.diverged_at or {}).get("epoch")
+            outcome = Outcome(TrialState.PRUNED, note=f"diverged at epoch {epoch}", attrs=attrs)
+        elif result.outcome == "stopped":
+            outcome = Outcome(TrialState.PRUNED, note=f"pruned at epoch {result.epochs}", attrs=attrs)
+        else:
+            assert result.val_accuracy is not None
+            outcome = Outcome(TrialState.COMPLETE, value=float(result.val_accuracy), attrs=attrs)
+        if saved["id"] is not None and not (outcome.state == TrialState.COMPLETE and self.policy.keep == "best"):
+            # nothing resumes a finished trial: its checkpoint goes (the attr first: finished trials are read-only)
+            attrs[keys.CHECKPOINT] = None
+            outcome.checkpoint = saved["id"]
+        return outcome
+
+    def _download(self, number: int, resume: tuple[int, dict[str, Any]] | None,
+                  params: Any) -> tuple[Path, dict[str, Any]] | None:
+        from .train import load_checkpoint
+
+        if resume is None or self.store is None:
+            return None
+        pred, ck = resume
+        path = self._tmp / f"resume-{number}.pt"
+        try:
+            self.store.copy_to(ck["artifact_id"], path)
+            state = load_checkpoint(path, params)
+        except (OSError, ValueError) as exc:
+            _warn(f"trial {number}: checkpoint of trial {pred} not found in {self.store.base_path} "
+                  f"({type(exc).__name__}); starting from epoch 0")
+            return None
+        except CheckpointError as exc:
+            _warn(f"trial {number}: checkpoint of trial {pred} unusable ({exc}); starting from epoch 0")
+            return None
+        return path, state

@@ -12,9 +12,10 @@ This is the format `tuner train` reads and `tuner export` writes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -79,7 +80,7 @@ class TrialParams:
     clipping: ClippingParams = field(default_factory=ClippingParams)
     training: TrainingParams = field(default_factory=TrainingParams)
 
-    def with_training(self, **changes: Any) -> "TrialParams":
+    def with_training(self, **changes: Any) -> TrialParams:
         """A copy with some training settings replaced (CLI overrides); None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         return replace(self, training=replace(self.training, **changes)) if changes else self
@@ -143,8 +144,9 @@ def _schedule(data: Any, file: str | None) -> ScheduleParams:
     if milestones is not None:
         if not isinstance(milestones, (list, tuple)) or not milestones:
             raise c.error("milestones", f"must be a non-empty list of fractions, got {milestones!r}")
-        values = [as_float(m) for m in milestones]
-        if any(v is None or not 0.0 < v < 1.0 for v in values) or values != sorted(values):
+        read = [as_float(m) for m in milestones]
+        values = [v for v in read if v is not None and 0.0 < v < 1.0]
+        if len(values) != len(read) or values != sorted(values):
             raise c.error("milestones", f"must be increasing fractions in (0, 1), got {milestones!r}")
         milestones = tuple(values)
     return ScheduleParams(

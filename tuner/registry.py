@@ -4,7 +4,8 @@ samplers are seeded from the study's `seed`."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optuna import pruners, samplers
 

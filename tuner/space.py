@@ -9,12 +9,21 @@ with `optuna.trial.FixedTrial`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 from .errors import ConfigError
-from .params import (CLIP_MODES, OPTIMIZERS, SCHEDULES, ClippingParams, OptimizerParams, ScheduleParams,
-                     TrainingParams, TrialParams)
+from .params import (
+    CLIP_MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    ClippingParams,
+    OptimizerParams,
+    ScheduleParams,
+    TrainingParams,
+    TrialParams,
+)
 from .validate import Checker, as_float
 
 
@@ -36,7 +45,7 @@ class Choices:
     choices: tuple[Any, ...]
 
 
-Knob = Union[Fixed, Range, Choices]
+Knob = Fixed | Range | Choices
 
 
 @dataclass(frozen=True)

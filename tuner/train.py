@@ -4,8 +4,9 @@
 metrics. The callback sees each epoch's record (after the epoch's checkpoint is written) and
 returns True to stop: that is how a sweep prunes. A non-finite loss, or a step loss above
 DIVERGENCE_FACTOR × the chance loss ln(K), stops the run at once with outcome "diverged" (with
-batch norm, a huge lr often gives finite but absurd losses rather than NaN). Checkpoints hold only tensors and plain values, are written atomically,
-and load with `torch.load(weights_only=True)`, so a tampered file cannot run code.
+batch norm, a huge lr often gives finite but absurd losses rather than NaN). Checkpoints hold only
+tensors and plain values, are written atomically, and load with `torch.load(weights_only=True)`, so
+a tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pickle
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -151,20 +153,22 @@ def _model_for(params: TrialParams, data: DeviceData, device: torch.device,
     trial, so torch.compile does not recompile per trial.
     """
     name = params.training.model
+    fn: Callable
     if settings.compile:
         key = (name, data.num_classes, str(device))
         if key in _COMPILED:
             model, fn = _COMPILED[key]
             for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.reset_running_stats()
             return model, fn
     model = build_model(name, data.num_classes).to(device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fn: Callable = model
+    fn = model
     if settings.compile:
         fn = torch.compile(model)
         _COMPILED[(name, data.num_classes, str(device))] = (model, fn)

@@ -5,9 +5,11 @@ YAML 1.1 reads `1e-5` (no dot) as a string; `as_float` accepts it as the number 
 
 from __future__ import annotations
 
+import builtins
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -44,8 +46,22 @@ class Checker:
     def raw(self, name: str, default: Any = None) -> Any:
         return self.data.get(name, default)
 
-    def float(self, name: str, default: Any, *, gt: float | None = None, ge: float | None = None,
-              lt: float | None = None, le: float | None = None, optional: bool = False) -> float | None:
+    # The readers are named after the types they return; inside the class those names are the
+    # methods, so annotations spell the built-in types `builtins.x`. `optional=True` may return None.
+
+    @overload
+    def float(self, name: builtins.str, default: Any, *, gt: builtins.float | None = None,
+              ge: builtins.float | None = None, lt: builtins.float | None = None, le: builtins.float | None = None,
+              optional: Literal[False] = False) -> builtins.float: ...
+
+    @overload
+    def float(self, name: builtins.str, default: Any, *, gt: builtins.float | None = None,
+              ge: builtins.float | None = None, lt: builtins.float | None = None, le: builtins.float | None = None,
+              optional: builtins.bool) -> builtins.float | None: ...
+
+    def float(self, name: builtins.str, default: Any, *, gt: builtins.float | None = None,
+              ge: builtins.float | None = None, lt: builtins.float | None = None, le: builtins.float | None = None,
+              optional: builtins.bool = False) -> builtins.float | None:
         value = self.data.get(name, default)
         if value is None and optional:
             return None
@@ -55,7 +71,16 @@ class Checker:
         _check_range(self, name, number, gt=gt, ge=ge, lt=lt, le=le)
         return number
 
-    def int(self, name: str, default: Any, *, ge: int | None = None, optional: bool = False) -> int | None:
+    @overload
+    def int(self, name: builtins.str, default: Any, *, ge: builtins.int | None = None,
+            optional: Literal[False] = False) -> builtins.int: ...
+
+    @overload
+    def int(self, name: builtins.str, default: Any, *, ge: builtins.int | None = None,
+            optional: builtins.bool) -> builtins.int | None: ...
+
+    def int(self, name: builtins.str, default: Any, *, ge: builtins.int | None = None,
+            optional: builtins.bool = False) -> builtins.int | None:
         value = self.data.get(name, default)
         if value is None and optional:
             return None
@@ -66,18 +91,26 @@ class Checker:
             raise self.error(name, f"must be >= {ge}, got {number}")
         return number
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.data.get(name, default)
-        if not isinstance(value, bool):
+        if not isinstance(value, builtins.bool):
             raise self.error(name, f"must be true or false, got {value!r}")
         return value
 
-    def str(self, name: str, default: Any, *, choices: Iterable[str] | None = None,
-            optional: bool = False) -> str | None:
+    @overload
+    def str(self, name: builtins.str, default: Any, *, choices: Iterable[builtins.str] | None = None,
+            optional: Literal[False] = False) -> builtins.str: ...
+
+    @overload
+    def str(self, name: builtins.str, default: Any, *, choices: Iterable[builtins.str] | None = None,
+            optional: builtins.bool) -> builtins.str | None: ...
+
+    def str(self, name: builtins.str, default: Any, *, choices: Iterable[builtins.str] | None = None,
+            optional: builtins.bool = False) -> builtins.str | None:
         value = self.data.get(name, default)
         if value is None and optional:
             return None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, builtins.str) or not value:
             raise self.error(name, f"must be a non-empty string, got {value!r}")
         if choices is not None:
             choices = list(choices)

@@ -9,10 +9,59 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Sequence
+from functools import cache
+from typing import Annotated
 
 import typer
 
+from .. import __version__
 from ..errors import TunerError, redact
+
+# The Optuna releases tuner runs on; pyproject.toml's `optuna` dependency says the same
+# (tests/test_startup.py checks that the two agree).
+OPTUNA_REQUIREMENT = ">=5.0,<5.2"
+
+
+@cache
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution `dist`, read from its metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def optuna_problem(found: str | None) -> str | None:
+    """Why Optuna version `found` (None: not installed) cannot run tuner, as one line; None if it can.
+    Development and pre-releases inside the range are accepted (5.1.0.dev0), those of its ends are not."""
+    if found is not None:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            if SpecifierSet(OPTUNA_REQUIREMENT).contains(Version(found), prereleases=True):
+                return None
+        except InvalidVersion:
+            pass
+    return (f"tuner needs optuna{OPTUNA_REQUIREMENT}, found {found or 'none'} "
+            f"(pip install 'optuna{OPTUNA_REQUIREMENT}')")
+
+
+def _check_optuna() -> None:
+    """Before anything imports Optuna: an unsupported version is one line and exit 1, not an ImportError."""
+    problem = optuna_problem(installed_version("optuna"))
+    if problem:
+        fail(problem, 1)
+
+
+def versions() -> dict[str, str]:
+    """tuner's, Optuna's and torch's versions (from package metadata: torch is not imported)."""
+    return {"tuner": __version__, "optuna": installed_version("optuna") or "not installed",
+            "torch": installed_version("torch") or "not installed"}
+
 
 app = typer.Typer(
     name="tuner",
@@ -25,24 +74,45 @@ app = typer.Typer(
 )
 
 
+def _print_versions(value: bool) -> None:
+    if value:
+        for name, version in versions().items():
+            print(f"{name} {version}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the versions of tuner, Optuna and torch, and exit.", is_eager=True,
+        callback=_print_versions)] = False,
+) -> None:
     """Hyperparameter tuning of Adam on CIFAR-10: train, sweep, report, export."""
+    import optuna  # a command runs: tuner prints its own lines, Optuna only its warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-from . import train as _train  # noqa: E402,F401  (registers its commands on `app`)
+def _register_commands() -> None:
+    """Import the command modules; each registers its commands on `app`. They import Optuna, so
+    only with a supported Optuna (otherwise `main` says so in one line)."""
+    from . import train  # noqa: F401
 
-for _module in ("sweep", "query", "report", "bench"):
-    try:
-        __import__(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _exc:  # a command group not written yet
-        if _exc.name != f"{__name__}.{_module}":
-            raise
+    for module in ("sweep", "query", "report", "bench"):
+        try:
+            __import__(f"{__name__}.{module}")
+        except ModuleNotFoundError as exc:  # a command group not written yet
+            if exc.name != f"{__name__}.{module}":
+                raise
 
 
-def _debug() -> bool:
-    return "--debug" in sys.argv[1:] or os.environ.get("TUNER_DEBUG") == "1"
+if optuna_problem(installed_version("optuna")) is None:
+    _register_commands()
+
+
+def _debug(argv: Sequence[str]) -> bool:
+    """Tracebacks on: `--debug` among the arguments this command line was given, or env TUNER_DEBUG=1."""
+    return "--debug" in argv or os.environ.get("TUNER_DEBUG") == "1"
 
 
 def fail(message: str, code: int) -> None:
@@ -81,9 +151,10 @@ def run() -> None:
         raise SystemExit(code)
     import atexit
 
-    from ..storage import close_all
+    if "tuner.storage" in sys.modules:  # a command that opened no storage need not import it now
+        from ..storage import close_all
 
-    close_all()
+        close_all()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -93,16 +164,16 @@ def run() -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The command line (tests call it in-process; the console script is `run`)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tuner prints its own lines
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (tests call it in-process with `argv`; the console script is `run`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(args)
+    _check_optuna()
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="tuner", standalone_mode=False)
+        command.main(args=args, prog_name="tuner", standalone_mode=False)
     except TunerError as exc:
-        if _debug():
+        if debug:
             traceback.print_exc()
         if getattr(exc, "signal_exit", False):  # stopped by SIGINT/SIGTERM: 130 / 143, not an error
             _ignore_signals()
@@ -119,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":
             print(exc.format_message(), file=sys.stderr)
             raise SystemExit(2) from None
-        if _debug():
+        if debug:
             traceback.print_exc()
         fail(exc.format_message(), exc.exit_code)
     except KeyboardInterrupt:
@@ -127,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
-        if _debug():
+        if debug:
             traceback.print_exc()
+        from ..storage import is_transient, reason
+
+        if is_transient(exc):  # a database that went away outside a worker's retried steps
+            fail(f"storage: the database is unreachable ({reason(exc)})", 1)
         fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)

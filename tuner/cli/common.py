@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-DatasetOpt = Annotated[Optional[str], typer.Option(
+DatasetOpt = Annotated[str | None, typer.Option(
     "--dataset", help="cifar10, synthetic, synthetic:N, or a path to an .npz file. Overrides the file.")]
-DataDirOpt = Annotated[Optional[Path], typer.Option(
+DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where cifar10 is downloaded [env TUNER_DATA_DIR; default ~/.cache/tuner/data].",
     envvar="TUNER_DATA_DIR")]
-StorageOpt = Annotated[Optional[str], typer.Option(
+StorageOpt = Annotated[str | None, typer.Option(
     "--storage", help="SQLAlchemy URL of the study database [env TUNER_STORAGE; default sqlite:///tuner.db].",
     show_default=False)]
 
@@ -32,3 +32,11 @@ def interactive() -> bool:
 def say(message: str) -> None:
     """One plain line on stdout, flushed (so logs interleave correctly across workers)."""
     print(message, flush=True)
+
+
+def progress_bar(*, transient: bool = False):  # noqa: ANN201 - rich.progress.Progress, imported lazily
+    """The one Rich progress bar tuner shows on a terminal: description, bar, done/total, elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=transient)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from optuna.trial import TrialState
 
+from .. import keys
+from .._optuna import study_id
 from ..errors import ConfigError
-from ..export import completed, write_export
-from ..objective import ATTR_PARAMS
-from ..storage import display, open_storage, resolve_url
+from ..settings import Settings
+from ..storage import open_storage, require_study
 from . import app
 from .common import Debug, StorageOpt, console, err_console, interactive, say
 from .sweep import describe
@@ -40,10 +41,11 @@ def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
 @app.command("studies")
 def studies_command(storage: StorageOpt = None, debug: Debug = False) -> None:
     """List the studies in a storage: trials by state, best value, last activity."""
-    rdb = open_storage(resolve_url(storage), must_exist=True)
+    url = Settings.resolve(storage).storage
+    rdb = open_storage(url, must_exist=True)
     rows = []
     for s in rdb.get_all_studies():
-        trials = rdb.get_all_trials(s._study_id, deepcopy=False)
+        trials = rdb.get_all_trials(study_id(s), deepcopy=False)
         counts: dict[str, int] = {}
         for t in trials:
             counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
@@ -53,7 +55,7 @@ def studies_command(storage: StorageOpt = None, debug: Debug = False) -> None:
         rows.append([s.study_name, str(len(trials)), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-",
                      f"{max(values):.4f}" if values else "-", last])
     if not rows:
-        say(f"no studies in {display(resolve_url(storage))}")
+        say(f"no studies in {url.shown}")
         return
     _table("studies", ["name", "trials", "by state", "best", "last activity"], rows)
 
@@ -64,22 +66,25 @@ def best_command(name: NameArg, top: Annotated[int, typer.Option("--top", help="
     """Show the best COMPLETE trials of a study."""
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
-    rdb = open_storage(resolve_url(storage), must_exist=True)
-    trials = completed(rdb, name)[:top]
+    rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
+    trials = keys.completed(rdb.get_all_trials(require_study(rdb, name), deepcopy=False))[:top]
     if not trials:
         say(f"study {name!r} has no COMPLETE trial yet")
         return
     _table(f"best of {name}", ["rank", "trial", "val_acc", "params"],
-           [[str(i + 1), str(t.number), f"{t.value:.4f}", describe(t.user_attrs.get(ATTR_PARAMS))]
+           [[str(i + 1), str(t.number), f"{t.value:.4f}", describe(t.user_attrs.get(keys.PARAMS))]
             for i, t in enumerate(trials)])
 
 
 @app.command("export")
 def export_command(name: NameArg,
-                   output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write here (else stdout).")] = None,
+                   output: Annotated[Path | None,
+                                     typer.Option("-o", "--output", help="Write here (else stdout).")] = None,
                    storage: StorageOpt = None, debug: Debug = False) -> None:
     """Write the best trial's params as YAML that `tuner train` and plain PyTorch read."""
-    rdb = open_storage(resolve_url(storage), must_exist=True)
+    from ..export import write_export
+
+    rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
     text = write_export(rdb, name, output)
     if output is None:
         print(text, end="")
@@ -92,23 +97,35 @@ def dashboard_command(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option("--host", help="Bind address; it has no authentication.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
-    artifact_dir: Annotated[Optional[Path], typer.Option(
-        "--artifact-dir", help="Checkpoint artifact store to show (default: beside a SQLite database).")] = None,
     debug: Debug = False,
 ) -> None:
-    """Serve optuna-dashboard on the same storage (localhost only unless --host says otherwise)."""
+    """Serve optuna-dashboard on the same storage (localhost only unless --host says otherwise).
+    Before it starts, each tuner study gets its metric name, a note and tuner's panels."""
     import optuna_dashboard
 
     if not 0 < port < 65536:
         raise ConfigError(f"must be 1..65535, got {port}", key="--port")
-    url = resolve_url(storage)
+    url = Settings.resolve(storage).storage
     rdb = open_storage(url, must_exist=True)
     if not _is_loopback(host):
         err_console.print(f"warning: binding the dashboard to {host}: it has no authentication, "
                           "anyone who can reach this port can read and change the studies")
-    store = _artifact_store(url, artifact_dir)
-    say(f"optuna-dashboard for {display(url)} at http://{host}:{port}/dashboard/  (Ctrl-C to stop)")
-    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=store)
+    _publish_all(rdb)
+    say(f"optuna-dashboard for {url.shown} at http://{host}:{port}/dashboard/  (Ctrl-C to stop)")
+    optuna_dashboard.run_server(rdb, host=host, port=port)
+
+
+def _publish_all(rdb) -> None:  # noqa: ANN001
+    try:
+        from ..dashboard import publish
+    except ImportError:
+        return
+    for s in rdb.get_all_studies():
+        if keys.CONFIG in s.user_attrs:
+            try:
+                publish(rdb, s.study_name)
+            except Exception as exc:  # noqa: BLE001 - the dashboard still serves Optuna's own views
+                err_console.print(f"warning: study {s.study_name}: tuner panels not written: {exc}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -118,14 +135,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _artifact_store(url: str, artifact_dir: Path | None):  # noqa: ANN202
-    try:
-        from ..artifacts import artifact_dir_for, open_store
-    except ImportError:  # fault handling (checkpoints as artifacts) not installed yet
-        return None
-    path = artifact_dir or artifact_dir_for(url)
-    return open_store(path) if path is not None and path.exists() else None
-
-

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
 from ..errors import ConfigError
-from ..storage import open_storage, resolve_url
+from ..settings import Settings
+from ..storage import open_storage
 from . import app
-from .common import DataDirOpt, Debug, DeviceOpt, StorageOpt, console, err_console, interactive, say
+from .common import DataDirOpt, Debug, DeviceOpt, StorageOpt, err_console, interactive, progress_bar, say
 from .query import _table
 
 NameArg = Annotated[str, typer.Argument(help="Study name.")]
@@ -29,16 +30,16 @@ def report_command(
 
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
-    url = resolve_url(storage)
-    data = write_report(open_storage(url, must_exist=True), name, output, top=top, url=url)
+    url = Settings.resolve(storage).storage
+    data = write_report(open_storage(url, must_exist=True), name, output, top=top, url=url.url)
     counts = ", ".join(f"{v} {k}" for k, v in data.counts.items() if v) or "no trials"
     say(f"wrote {output} ({name}: {counts})")
 
 
 @app.command("compare")
 def compare_command(
-    names: Annotated[List[str], typer.Argument(help="Two or more study names.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option(
+    names: Annotated[list[str], typer.Argument(help="Two or more study names.", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Also write an HTML comparison here.")] = None,
     storage: StorageOpt = None,
     debug: Debug = False,
@@ -51,7 +52,7 @@ def compare_command(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"study {dupes[0]!r} is given more than once", key="NAMES")
-    info = load_compare(open_storage(resolve_url(storage), must_exist=True), list(names))
+    info = load_compare(open_storage(Settings.resolve(storage).storage, must_exist=True), list(names))
     headers, rows = table_rows(info)
     _table("compare", headers, rows)
     if output is not None:
@@ -79,7 +80,7 @@ def verify_command(
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
     if seeds < 1:
         raise ConfigError(f"must be >= 1, got {seeds}", key="--seeds")
-    rdb = open_storage(resolve_url(storage), must_exist=True)
+    rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
     bar = None
     task = None
 
@@ -88,10 +89,7 @@ def verify_command(
         msg = f"verify {name}: top {top} configs × {seeds} seeds, {todo} runs to do"
         say(msg + (f" ({skipped} already stored)" if skipped else ""))
         if interactive() and todo:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-            bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+            bar = progress_bar()
             bar.__enter__()
             task = bar.add_task("runs", total=todo)
 

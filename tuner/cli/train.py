@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..data import load_dataset
 from ..errors import DivergedError
 from ..params import check_override, load_params
-from ..train import EpochRecord, load_checkpoint, resolve_device, train
 from . import app
 from .common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, interactive, say
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from ..train import EpochRecord
 
 
 @app.command("train")
 def train_command(
     params_file: Annotated[Path, typer.Argument(help="Params YAML (the format `tuner export` writes).")],
     dataset: DatasetOpt = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override training.epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Override training.batch_size.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Override training.seed.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override training.epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Override training.batch_size.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override training.seed.")] = None,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="Save the full state here every epoch; resume from it if it exists.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of lines.")] = False,
     debug: Debug = False,
@@ -37,6 +40,9 @@ def train_command(
     check_override("--seed", seed, ge=0)
     params = load_params(params_file).with_training(dataset=dataset, epochs=epochs, batch_size=batch_size,
                                                     seed=seed)
+    from ..data import load_dataset  # torch: only once the params file is known to be good
+    from ..train import load_checkpoint, resolve_device, train
+
     dev = resolve_device(device)
     data = load_dataset(params.training.dataset, dev, data_dir=data_dir,
                         val_fraction=params.training.val_fraction)
@@ -64,8 +70,9 @@ def train_command(
                        evaluate_test=True, on_step=progress.step if progress.enabled else None)
     if result.outcome == "diverged":
         at = result.diverged_at or {}
-        raise DivergedError(f"training diverged: loss {at.get('loss'):.3g} at epoch {at.get('epoch')}, step {at.get('step')} "
-                            f"with lr={params.optimizer.lr:g}; lower the learning rate or enable clipping")
+        raise DivergedError(f"training diverged: loss {at.get('loss'):.3g} at epoch {at.get('epoch')}, "
+                            f"step {at.get('step')} with lr={params.optimizer.lr:g}; lower the learning rate "
+                            "or enable clipping")
     if as_json:
         out = result.to_dict()
         out["params"] = params.to_dict()
@@ -83,9 +90,10 @@ class _Progress:
     def __init__(self, epochs: int, enabled: bool) -> None:
         self.enabled = enabled
         self.epochs = epochs
-        self._bar = None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -96,7 +104,7 @@ class _Progress:
         return self
 
     def step(self, i: int, per_epoch: int) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, total=per_epoch * self.epochs, advance=1)
 
     def epoch_done(self, line: str) -> None:

@@ -1,0 +1,170 @@
+"""What tuner records in an Optuna study: every attr key, and the budget and lineage rules.
+
+This module is the schema of a tuner study. It imports nothing of tuner, so every other module
+can import it. Everything here reads `FrozenTrial`s through Optuna's public API.
+
+Study user attrs
+    `tuner_config`       the resolved study config (never a storage URL)
+    `tuner_n_trials`     the trial budget every worker follows
+    `tuner_checkpoints`  {"keep": "none" | "best"}: the checkpoint policy
+    `tuner_verify:N:S`   one `tuner verify` record: trial N retrained with seed S
+
+Trial user attrs (what `tuner` writes about each trial)
+    `params` `env` `history` `seconds` `epochs` `diverged` `diverged_at` `error`
+    `checkpoint` `resumed_from_epoch` `resumed_from_trial` `interrupted` `void`
+
+Trial system attrs (Optuna's retry convention, shared with `RetryFailedTrialCallback`)
+    `failed_trial` `retry_history`; tuner adds `tuner_interrupted` (predecessors stopped by a signal)
+    and `tuner_queued` (a token on every trial a tuner worker queued: fresh ones and retry copies)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+# -- study user attrs --------------------------------------------------------------------------
+CONFIG = "tuner_config"
+N_TRIALS = "tuner_n_trials"
+CHECKPOINTS = "tuner_checkpoints"
+VERIFY_PREFIX = "tuner_verify:"  # + f"{trial}:{seed}"
+VERIFY_LEGACY = "tuner_verify"  # one dict of all records (before per-record keys); still read
+
+
+# -- trial user attrs --------------------------------------------------------------------------
+PARAMS = "params"  # the full params in the export format
+ENV = "env"  # device, torch and optuna versions, host, worker
+HISTORY = "history"  # per-epoch records, with gradient-norm statistics and clip fraction
+SECONDS = "seconds"
+EPOCHS = "epochs"
+DIVERGED = "diverged"
+DIVERGED_AT = "diverged_at"
+ERROR = "error"
+CHECKPOINT = "checkpoint"  # {"artifact_id": ..., "epoch": ...}
+RESUMED = "resumed_from_epoch"
+RESUMED_TRIAL = "resumed_from_trial"
+INTERRUPTED = "interrupted"  # stopped by a signal and queued to resume
+VOID = "void"  # created past the budget after a lost gate; does not count (see worker.py)
+
+# -- trial system attrs ------------------------------------------------------------------------
+FAILED_TRIAL = "failed_trial"  # Optuna's RetryFailedTrialCallback convention
+RETRY_HISTORY = "retry_history"  # idem
+INTERRUPTED_NUMBERS = "tuner_interrupted"
+QUEUED = "tuner_queued"  # written with the WAITING trial, in the transaction that creates it
+
+# user attrs a retry copy must not inherit from the trial it replaces
+NOT_INHERITED = (CHECKPOINT, RESUMED, RESUMED_TRIAL, ERROR, SECONDS, HISTORY, EPOCHS, INTERRUPTED,
+                 DIVERGED, DIVERGED_AT, VOID)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineage and budget
+# ---------------------------------------------------------------------------------------------
+
+def history(trial: FrozenTrial) -> list[int]:
+    """The numbers of the trials this one retries, oldest first ([] for a first attempt)."""
+    value = trial.system_attrs.get(RETRY_HISTORY) or []
+    return [int(n) for n in value] if isinstance(value, list) else []
+
+
+def superseded(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Numbers of trials replaced by a retry copy (the copy counts, the trial it replaces not)."""
+    return {h[-1] for h in map(history, trials) if h}
+
+
+def budget_used(trials: Iterable[FrozenTrial]) -> int:
+    """Trials that use up the budget: all but those replaced by a retry copy and void ones."""
+    trials = list(trials)
+    gone = superseded(trials)
+    return sum(1 for t in trials if t.number not in gone and not t.user_attrs.get(VOID))
+
+
+def is_tuner_trial(trial: FrozenTrial) -> bool:
+    """A trial a tuner worker queued or ran; trials of plain Optuna users are not."""
+    return QUEUED in trial.system_attrs or ENV in trial.user_attrs
+
+
+def crashes(trial: FrozenTrial) -> int:
+    """How often this lineage crashed, counting `trial` itself; signal stops do not count."""
+    stops = trial.system_attrs.get(INTERRUPTED_NUMBERS) or []
+    return len(history(trial)) + 1 - len(stops) - (1 if trial.user_attrs.get(INTERRUPTED) else 0)
+
+
+def needs_retry(trial: FrozenTrial, max_retry: int | None) -> bool:
+    """A FAIL tuner trial that crashed (stale) or was stopped by a signal, within its retries.
+    A trial whose training raised (user attr `error`) is not retried: it would fail again."""
+    if trial.state != TrialState.FAIL or not is_tuner_trial(trial):
+        return False
+    if trial.user_attrs.get(ERROR) is not None or trial.user_attrs.get(VOID):
+        return False
+    if trial.user_attrs.get(INTERRUPTED):
+        return True
+    return max_retry is None or crashes(trial) <= max_retry
+
+
+def retry_template(trial: FrozenTrial) -> FrozenTrial:
+    """A WAITING copy of `trial` with Optuna's retry system attrs, for `study.add_trial`."""
+    import uuid
+
+    from optuna.trial import create_trial
+
+    system = {k: v for k, v in trial.system_attrs.items() if not k.startswith("artifacts:")}
+    system[QUEUED] = uuid.uuid4().hex
+    system[FAILED_TRIAL] = trial.system_attrs.get(FAILED_TRIAL, trial.number)
+    system[RETRY_HISTORY] = history(trial) + [trial.number]
+    if trial.user_attrs.get(INTERRUPTED):
+        system[INTERRUPTED_NUMBERS] = list(trial.system_attrs.get(INTERRUPTED_NUMBERS) or []) + [trial.number]
+    user = {k: v for k, v in trial.user_attrs.items() if k not in NOT_INHERITED}
+    return create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                        user_attrs=user, system_attrs=system)
+
+
+def fresh_template(token: str) -> FrozenTrial:
+    """A WAITING trial with nothing fixed, marked as queued by a tuner worker (`study.add_trial`)."""
+    from optuna.trial import create_trial
+
+    return create_trial(state=TrialState.WAITING, params={}, distributions={}, system_attrs={QUEUED: token})
+
+
+# ---------------------------------------------------------------------------------------------
+# Best trials
+# ---------------------------------------------------------------------------------------------
+
+def completed(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE trials with a value, best first (ties: the earlier trial). Diverged trials are
+    pruned, so never here. The objective is validation accuracy, maximised."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return sorted(done, key=lambda t: (-float(t.value), t.number))  # type: ignore[arg-type]
+
+
+def best_complete(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """The best COMPLETE trial, or None."""
+    done = completed(trials)
+    return done[0] if done else None
+
+
+def verify_records(user_attrs: dict[str, Any]) -> dict[int, dict[int, float]]:
+    """{trial number: {seed: value}} from a study's user attrs (per-record and legacy keys)."""
+    out: dict[int, dict[int, float]] = {}
+    legacy = user_attrs.get(VERIFY_LEGACY)
+    if isinstance(legacy, dict):
+        for number, entry in legacy.items():
+            if isinstance(entry, dict):
+                for seed, value in zip(entry.get("seeds") or [], entry.get("values") or []):
+                    out.setdefault(int(number), {})[int(seed)] = float(value)
+    for key, value in user_attrs.items():
+        if key.startswith(VERIFY_PREFIX) and isinstance(value, (int, float)):
+            try:
+                number, seed = (int(p) for p in key[len(VERIFY_PREFIX):].split(":"))
+            except ValueError:
+                continue
+            out.setdefault(number, {})[seed] = float(value)
+    return out
+
+
+def verify_key(number: int, seed: int) -> str:
+    return f"{VERIFY_PREFIX}{number}:{seed}"
