@@ -246,10 +246,13 @@ class Worker:
                 self.retry(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
                 self.heartbeat.remove(tid)
                 return None
-        frozen = next((t for t in trials if t.number == trial.number), None)
         by_number = {t.number: t for t in trials}
-        resume = resume_point(frozen, by_number) if frozen is not None else None
-        retried = bool(frozen is not None and keys.history(frozen))
+        frozen = by_number.get(trial.number)
+        if frozen is None:  # queued after our read (by another worker's reconcile): read it now
+            frozen = self.retry(lambda: self.storage.get_trial(tid))
+            by_number = {t.number: t for t in self.trials()}
+        resume = resume_point(frozen, by_number)
+        retried = bool(keys.history(frozen))
         return Lease(trial, resume, retried)
 
     def budget(self) -> int | None:

@@ -213,8 +213,8 @@ def sweep_command(
     check_keep(keep_checkpoints)
     every = settings.checkpoint_every(checkpoint_every)
     if create_only:
-        _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto",
-                             data_dir=data_dir, checkpoint_every=checkpoint_every)
+        # (--data-dir and --checkpoint-every also come from the environment, so they are not refused)
+        _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto")
     config = load_study_file(study_file)
     if dataset:
         config = replace(config, training=replace(config.training, dataset=dataset))
