@@ -150,8 +150,9 @@ class Objective:
             assert result.val_accuracy is not None
             outcome = Outcome(TrialState.COMPLETE, value=float(result.val_accuracy), attrs=attrs)
         if saved["id"] is not None and not (outcome.state == TrialState.COMPLETE and self.policy.keep == "best"):
-            # nothing resumes a finished trial: its checkpoint goes (the attr first: finished trials are read-only)
-            attrs[keys.CHECKPOINT] = None
+            # nothing resumes a finished trial: the worker deletes its checkpoint file once the trial is
+            # told. The attr stays: a worker that dies before its tell leaves a RUNNING trial whose retry
+            # must still find the last checkpoint (a dangling attr on a finished trial costs a `stat`).
             outcome.checkpoint = saved["id"]
         return outcome
 
