@@ -5,8 +5,9 @@ Specs: `cifar10` (torchvision download into a data dir), a path to an `.npz` fil
 ships as code; `synthetic:N` sets the training-set size).
 
 Each dataset is loaded once per process into uint8 tensors on the device. Augmentation (random
-crop with zero padding 4, horizontal flip) runs as a few whole-dataset tensor operations per
-epoch, never per image, and there are no DataLoader workers in the training loop.
+crop with zero padding 4, horizontal flip) is one gather per epoch over a cached padded-and-
+mirrored copy of the training images, never per image, with no host sync; there are no
+DataLoader workers in the training loop.
 """
 
 from __future__ import annotations
@@ -257,50 +258,44 @@ def load_dataset(spec: str, device: torch.device | str = "cpu", *, data_dir: str
 
 def clear_cache() -> None:
     _CACHE.clear()
-    _PADDED.clear()
+    _SOURCES.clear()
 
 
 # ---------------------------------------------------------------------------------------------
 # Batched augmentation and batching
 # ---------------------------------------------------------------------------------------------
 
-def pad_nhwc(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """uint8 N×C×H×W → zero-padded, contiguous N×(H+2p)×(W+2p)×C: what `augment` crops from."""
-    return torch.nn.functional.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
+def crop_source(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """uint8 N×C×H×W → the contiguous, zero-padded N×(H+2p)×(W+2p)×C images followed by their
+    left-right mirrors (2N images): what `augment` crops from. Made once per dataset."""
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
+    return torch.cat([padded, padded.flip(2)]).contiguous()
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, index: torch.Tensor | None = None,
-            padded: torch.Tensor | None = None) -> torch.Tensor:
+            source: torch.Tensor | None = None) -> torch.Tensor:
     """Random crop with zero padding `pad` and random horizontal flip, for a whole N×C×H×W batch.
 
-    Images are grouped by their (shift, flip) draw, at most (2·pad+1)²·2 = 162 groups, and each
-    group is one sliced copy, so the cost is a few hundred tensor ops per epoch whatever N is (a
-    per-pixel gather needs an index tensor 8× the size of the images). With `index`, augments
-    `x[index]` (the shuffle is part of the copy); `padded` is `pad_nhwc(x, pad)`, cached by the
-    caller. The result is a channels_last N×C×H×W view (what `normalize` and the models want).
+    One gather and no host sync: the crop windows of `source` (`crop_source(x, pad)`, which holds
+    each padded image and its mirror) are an `unfold`ed view, and image i is the window
+    (image, dy, dx) of that view, with image `index[i]` or its mirror `index[i] + N`. A flipped
+    crop at dx is the mirror's crop at 2·pad − dx, and dx is uniform, so reading the mirror at dx
+    draws the same distribution. About 8 tensor ops per epoch, whatever N is. With `index`,
+    augments `x[index]` (the shuffle is part of the gather). The result is a channels_last
+    N×C×H×W view (what `normalize` and the models want).
     """
     n = x.shape[0] if index is None else len(index)
-    _, c, h, w = x.shape
+    total, c, h, w = x.shape
     dev = x.device
-    src = pad_nhwc(x, pad) if padded is None else padded
-    index = torch.arange(n, device=dev) if index is None else index
+    src = crop_source(x, pad) if source is None else source
     span = 2 * pad + 1
-    draws = torch.randint(0, span * span, (n,), generator=generator, device=generator.device)
-    flips = torch.rand(n, generator=generator, device=generator.device) < 0.5
-    group = (draws + span * span * flips).to(dev)
-    order = torch.argsort(group, stable=True)
-    out = torch.empty(n, h, w, c, dtype=x.dtype, device=dev)
-    start = 0
-    for g, count in enumerate(torch.bincount(group, minlength=2 * span * span).tolist()):
-        if not count:
-            continue
-        rows = order[start:start + count]
-        start += count
-        flip, shift = divmod(g, span * span)
-        dy, dx = divmod(shift, span)
-        crop = src[index[rows], dy:dy + h, dx:dx + w]
-        out[rows] = crop.flip(2) if flip else crop
-    return out.permute(0, 3, 1, 2)
+    gdev = generator.device
+    dy = torch.randint(0, span, (n,), generator=generator, device=gdev).to(dev)
+    dx = torch.randint(0, span, (n,), generator=generator, device=gdev).to(dev)
+    mirror = torch.randint(0, 2, (n,), generator=generator, device=gdev).to(dev)
+    image = mirror.mul_(total).add_(torch.arange(n, device=dev) if index is None else index)
+    windows = src.unfold(1, h, 1).unfold(2, w, 1).permute(0, 1, 2, 4, 5, 3)  # 2N×span×span×H×W×C view
+    return windows[image, dy, dx].permute(0, 3, 1, 2)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -310,15 +305,15 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return out.copy_(x).sub_(mean).div_(std)
 
 
-_PADDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_SOURCES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _padded(data: DeviceData) -> torch.Tensor:
-    """The padded NHWC training images, made once per dataset (they are what augment reads)."""
+def _crop_source(data: DeviceData) -> torch.Tensor:
+    """The padded and mirrored training images, made once per dataset (what augment reads)."""
     key = id(data.x_train)
-    if key not in _PADDED or _PADDED[key][0] is not data.x_train:
-        _PADDED[key] = (data.x_train, pad_nhwc(data.x_train))
-    return _PADDED[key][1]
+    if key not in _SOURCES or _SOURCES[key][0] is not data.x_train:
+        _SOURCES[key] = (data.x_train, crop_source(data.x_train))
+    return _SOURCES[key][1]
 
 
 def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
@@ -329,7 +324,7 @@ def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
     perm = torch.randperm(n, generator=generator, device=generator.device).to(data.device)
     y = data.y_train[perm]
     if augment_images:
-        x = augment(data.x_train, generator, index=perm, padded=_padded(data))
+        x = augment(data.x_train, generator, index=perm, source=_crop_source(data))
     else:
         x = data.x_train[perm]
     for start in range(0, n, batch_size):

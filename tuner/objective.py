@@ -97,6 +97,7 @@ class Objective:
         total = params.training.epochs
         saved: dict[str, Any] = {"at": time.monotonic(), "epoch": -1, "id": None}
         stop = self.policy.stop
+        nop = isinstance(trial.study.pruner, optuna.pruners.NopPruner)
 
         def when(record: Any) -> bool:
             if self.store is None or not self.policy.due(record.epoch, total, saved["at"]):
@@ -112,7 +113,8 @@ class Objective:
                 retry(lambda: trial.set_user_attr(keys.CHECKPOINT, {"artifact_id": saved["id"],
                                                                     "epoch": record.epoch}))
             retry(lambda: trial.report(record.val_accuracy, record.epoch))
-            prune = bool(retry(trial.should_prune))
+            # should_prune re-reads the whole trial from the storage; NopPruner's answer is always no
+            prune = not nop and bool(retry(trial.should_prune))
             # a signal stops the trial at the first epoch boundary that has its checkpoint (one that
             # came after `when` decided for this epoch waits for the next)
             if (not prune and stop is not None and stop.stop_requested and record.epoch < total

@@ -60,6 +60,7 @@ from .registry import build_pruner, build_sampler
 from .storage import DEFAULT_RETRY_SECONDS, Retry, StorageURL, open_storage, require_study
 
 
+
 @dataclass
 class WorkerOptions:
     """A worker's settings, resolved (settings.py resolves flags and environment at the CLI edge)."""
@@ -246,6 +247,8 @@ class Worker:
                 self.retry(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
                 self.heartbeat.remove(tid)
                 return None
+        if tid == fresh:  # made from the fresh template just now: no lineage, nothing to resume
+            return Lease(trial, None, False)
         by_number = {t.number: t for t in trials}
         frozen = by_number.get(trial.number)
         if frozen is None:  # queued after our read (by another worker's reconcile): read it now
