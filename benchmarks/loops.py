@@ -2,7 +2,7 @@
 batches that are already staged (the ceiling for any input pipeline) or come from a DataLoader.
 
 All of them build the model and optimizer exactly as the engine does (`build_model`, channels_last
-per `device_settings`, `build_optimizer`), so the only difference between them is where the
+per `device_settings`, `initial_model`, `build_optimizer`), so the only difference between them is where the
 batches come from and the engine's per-step bookkeeping (lr schedule, gradient-norm stats,
 divergence check).
 """
@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from tuner.data import DeviceData, train_batches
-from tuner.models import build_model
 from tuner.optim import build_optimizer
 from tuner.params import TrialParams
-from tuner.train import DeviceSettings, device_settings, train
+from tuner.train import DeviceSettings, device_settings, initial_model, train
 
 from .core import sync
 
@@ -30,14 +29,15 @@ def settings_for(params: TrialParams, device: torch.device) -> DeviceSettings:
 
 
 def fresh_model(params: TrialParams, data: DeviceData) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Model and optimizer as `tuner.train.train` builds them (without torch.compile)."""
+    """Model and optimizer as `tuner.train.train` builds them (without torch.compile), with the
+    backend flags of the run's precision set (TF32 off for fp32) as `train()` sets them."""
     device = data.device
+    settings = settings_for(params, device)
+    settings.apply(device)
     torch.manual_seed(params.training.seed)
-    model = build_model(params.training.model, data.num_classes).to(device)
-    if settings_for(params, device).channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = initial_model(params.training.model, data.num_classes, device, settings)
     model.train()
-    return model, build_optimizer(model.parameters(), params.optimizer, device)
+    return model, build_optimizer(model.parameters(), params.optimizer, device, fused=settings.fused_adam)
 
 
 def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,

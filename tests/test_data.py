@@ -363,7 +363,7 @@ def test_augment_is_a_few_ops_per_epoch_whatever_its_size_and_never_syncs() -> N
         x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(0))
         source = crop_source(x)
         index = torch.randperm(n, generator=gen(1))
-        ops = _aten_ops(lambda: augment(x, gen(2), index=index, source=source))
+        ops = _aten_ops(lambda x=x, index=index, source=source: augment(x, gen(2), index=index, source=source))
         assert not any("local_scalar_dense" in op or op == "aten::item" for op in ops), ops
         counts.append(len(ops))
     assert counts[0] == counts[1] and counts[0] <= 40, counts

@@ -317,11 +317,15 @@ def _crop_source(data: DeviceData) -> torch.Tensor:
 
 
 def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
-                  augment_images: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  augment_images: bool = True, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised training batches. A batch of one is dropped
-    (batch norm cannot train on it)."""
-    n = len(data.y_train)
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(data.device)
+    (batch norm cannot train on it); with `drop_last` (static shapes for torch.compile) the last
+    partial batch is dropped whenever there is a full one (its images come first in another epoch's
+    shuffle)."""
+    total = n = len(data.y_train)
+    if drop_last and n >= batch_size:
+        n -= n % batch_size
+    perm = torch.randperm(total, generator=generator, device=generator.device).to(data.device)
     y = data.y_train[perm]
     if augment_images:
         x = augment(data.x_train, generator, index=perm, source=_crop_source(data))
@@ -333,7 +337,13 @@ def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
         yield normalize(x[start:start + batch_size], data.mean, data.std), y[start:start + batch_size]
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, data: DeviceData,
-                 batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(x: torch.Tensor, y: torch.Tensor, data: DeviceData, batch_size: int,
+                 pad: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised evaluation batches and their labels. With `pad`, every image batch has exactly
+    `batch_size` rows (the last is padded with zero images; its labels are not): the caller scores
+    only the first len(labels) rows."""
     for start in range(0, len(y), batch_size):
-        yield normalize(x[start:start + batch_size], data.mean, data.std), y[start:start + batch_size]
+        xb = x[start:start + batch_size]
+        if pad and len(xb) < batch_size:
+            xb = torch.cat([xb, xb.new_zeros((batch_size - len(xb), *xb.shape[1:]))])
+        yield normalize(xb, data.mean, data.std), y[start:start + batch_size]

@@ -13,10 +13,11 @@ OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], opt: OptimizerParams,
-                    device: torch.device) -> torch.optim.Optimizer:
+                    device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
     """`torch.optim.Adam`/`AdamW` with the params' knobs. Fused kernels on CUDA, foreach on the CPU
-    (the fused CPU kernel measured no faster here; see benchmarks)."""
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    (the fused CPU kernel measured no faster here; see benchmarks); `fused` overrides
+    (`DeviceSettings.fused_adam`)."""
+    impl = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {"foreach": True}
     return OPTIMIZER_CLASSES[opt.name](params, **opt.torch_kwargs(), **impl)
 
 

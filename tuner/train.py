@@ -11,6 +11,7 @@ a tampered file cannot run code.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -77,20 +78,29 @@ class TrainResult:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when it is there; `cuda:N` pins a GPU."""
+    """`auto` picks CUDA when it is there; `cuda:N` pins a GPU (N counts the visible ones)."""
+    from .errors import ConfigError, TunerError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"not a device: {name!r} (auto, cpu, cuda or cuda:N)", key="--device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import TunerError
-
         raise TunerError("--device cuda was asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"{name} does not exist: {n} CUDA device{'s' if n != 1 else ''} visible "
+                          f"(indices count the devices CUDA_VISIBLE_DEVICES leaves, from 0)", key="--device")
     return device
 
 
 @dataclass(frozen=True)
 class DeviceSettings:
-    """What the fast path turns on for a device. Pure, so the CUDA branch is testable on a CPU."""
+    """What the fast path turns on for a device and precision. `device_settings` makes it (pure, so
+    the CUDA branch is testable on a CPU); `apply()` sets the process-wide backend flags it implies.
+    `train()` and the benchmarks both go through it, so "fp32" means the same thing in both."""
 
     autocast_dtype: torch.dtype | None
     channels_last: bool
@@ -98,22 +108,55 @@ class DeviceSettings:
     fused_adam: bool
     compile: bool
     divergence_check_every: int  # steps between loss syncs; 1 = every step
+    tf32: bool = False  # TF32 tensor cores for the float32 matmuls and convolutions that remain
+    static_shapes: bool = False  # every batch the same shape (drop the partial training batch, pad eval)
+
+    def apply(self, device: torch.device) -> None:
+        """Set the backend flags (process-wide, so set at the start of every run): cuDNN autotuning,
+        and TF32 on or off for float32 math. `precision: fp32` is IEEE float32 on CUDA, not TF32."""
+        if device.type != "cuda":
+            return
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        mode = "tf32" if self.tf32 else "ieee"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+            torch.backends.cuda.matmul.fp32_precision = mode
+            torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+
+
+def bf16_native() -> bool:
+    """Whether the current CUDA device computes bf16 in hardware (Ampere and later). Emulated bf16
+    (V100, T4) counts as no: it is slower than float32 there."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def device_settings(device: torch.device, precision: str = "auto", compile: bool = False,
                     bf16_supported: bool | None = None) -> DeviceSettings:
+    """The settings for a run of `precision` on `device`:
+
+    - fp32: float32, IEEE on CUDA too (no TF32);
+    - bf16: bf16 autocast; what stays float32 may use TF32;
+    - auto: bf16 autocast on a CUDA device with native bf16, else float32; TF32 allowed on CUDA.
+      On a CPU it is float32: native CPU bf16 is faster but cost ~1.6 points of accuracy in
+      benchmarks (fastcnn, subset, 3 seeds).
+
+    `compile` applies on CUDA only, and with it every batch has the same shape (static shapes: one
+    compiled graph for training, one for evaluation, no recompiles)."""
     cuda = device.type == "cuda"
     if bf16_supported is None:
-        bf16_supported = cuda and torch.cuda.is_bf16_supported()
+        bf16_supported = cuda and bf16_native()
     if precision == "bf16":
         dtype: torch.dtype | None = torch.bfloat16
     elif precision == "fp32":
         dtype = None
-    else:  # auto: bf16 on CUDA. On a CPU with native bf16 it is faster but cost ~1.6 points of
-        # accuracy in benchmarks (fastcnn, subset, 3 seeds), so the CPU default stays fp32
+    else:
         dtype = torch.bfloat16 if cuda and bf16_supported else None
+    compiled = compile and cuda
     return DeviceSettings(autocast_dtype=dtype, channels_last=True, cudnn_benchmark=cuda, fused_adam=cuda,
-                          compile=compile and cuda, divergence_check_every=1 if not cuda else 16)
+                          compile=compiled, divergence_check_every=1 if not cuda else 16,
+                          tf32=cuda and precision != "fp32", static_shapes=compiled)
 
 
 _COMPILED: dict[tuple[str, int, str], tuple[torch.nn.Module, Callable]] = {}
@@ -145,45 +188,56 @@ def retain_cpu_memory() -> bool:
     return ok
 
 
-def _model_for(params: TrialParams, data: DeviceData, device: torch.device,
-               settings: DeviceSettings) -> tuple[torch.nn.Module, Callable]:
-    """A freshly initialised model (from the global seed), and the callable to run it.
+COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend; tests count graphs with "eager" (no C compiler)
 
-    With `compile`, the compiled module is built once per process and re-initialised for each
-    trial, so torch.compile does not recompile per trial.
-    """
-    name = params.training.model
-    fn: Callable
-    if settings.compile:
-        key = (name, data.num_classes, str(device))
-        if key in _COMPILED:
-            model, fn = _COMPILED[key]
-            for module in model.modules():
-                reset = getattr(module, "reset_parameters", None)
-                if callable(reset):
-                    reset()
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.reset_running_stats()
-            return model, fn
-    model = build_model(name, data.num_classes).to(device)
+
+def initial_model(name: str, num_classes: int, device: torch.device, settings: DeviceSettings) -> torch.nn.Module:
+    """A freshly initialised model from the current global seed: built on the CPU with the model's
+    own initialisation (torchvision's for resnet18), then moved. So a seed gives the same weights
+    on every device, in every trial of a worker, and in `tuner train` and `tuner verify`."""
+    model = build_model(name, num_classes).to(device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fn = model
-    if settings.compile:
-        fn = torch.compile(model)
-        _COMPILED[(name, data.num_classes, str(device))] = (model, fn)
-    return model, fn
+    return model
+
+
+def _compiled_key(name: str, data: DeviceData, device: torch.device) -> tuple[str, int, str]:
+    return name, data.num_classes, str(device)
+
+
+def _model_for(params: TrialParams, data: DeviceData, device: torch.device,
+               settings: DeviceSettings) -> tuple[torch.nn.Module, Callable]:
+    """(the module to train, the callable that runs it), starting from `initial_model`'s weights.
+
+    With `compile`, the compiled module is built once per process and each later trial loads a
+    fresh build's weights and buffers into it (`load_state_dict` copies in place: the compiled
+    graph, its guards and channels_last stay as they are), so torch.compile does not recompile.
+    """
+    name = params.training.model
+    fresh = initial_model(name, data.num_classes, device, settings)
+    if not settings.compile:
+        return fresh, fresh
+    key = _compiled_key(name, data, device)
+    if key in _COMPILED:
+        model, fn = _COMPILED[key]
+        model.load_state_dict(fresh.state_dict())
+        return model, fn
+    fn = torch.compile(fresh, dynamic=False, backend=COMPILE_BACKEND)
+    _COMPILED[key] = (fresh, fn)
+    return fresh, fn
 
 
 def evaluate(fn: Callable, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: DeviceData,
              settings: DeviceSettings) -> tuple[float, float]:
-    """(mean loss, accuracy) over x, y in large batches."""
+    """(mean loss, accuracy) over x, y in large batches. With static shapes every batch is padded to
+    EVAL_BATCH rows and only the real rows count (in eval mode batch norm uses its running
+    statistics, so the padding changes nothing else)."""
     model.eval()
     total_loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     with torch.inference_mode(), _autocast(x.device, settings):
-        for xb, yb in eval_batches(x, y, data, EVAL_BATCH):
-            out = fn(xb).float()
+        for xb, yb in eval_batches(x, y, data, EVAL_BATCH, pad=settings.static_shapes):
+            out = fn(xb)[:len(yb)].float()
             total_loss += F.cross_entropy(out, yb, reduction="sum")
             correct += (out.argmax(1) == yb).sum()
     model.train()
@@ -202,30 +256,46 @@ def train(params: TrialParams, data: DeviceData, *,
           resume_from: str | Path | None = None,
           checkpoint_when: Callable[[EpochRecord], bool] | None = None,
           evaluate_test: bool = False,
-          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None,
+          settings: DeviceSettings | None = None) -> TrainResult:
     """Train one trial on `data` (already on its device). See the module docstring.
 
     `on_epoch(record) -> stop?` runs after each epoch (and after its checkpoint is saved).
     With `checkpoint_path`, the checkpoint is written after every epoch, or only after those for
     which `checkpoint_when(record)` is true.
-    `on_step(step_in_epoch, steps_per_epoch)` is for progress bars.
+    `on_step(step_in_epoch, steps_per_epoch)` is for progress bars. `settings` overrides
+    `device_settings(device, precision, compile)` (tests and benchmarks).
     """
     device = data.device
     t = params.training
-    settings = device_settings(device, t.precision, t.compile)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
+    settings = settings or device_settings(device, t.precision, t.compile)
+    settings.apply(device)
+    if device.type != "cuda":
         retain_cpu_memory()
     torch.manual_seed(t.seed)
     model, fn = _model_for(params, data, device, settings)
-    optimizer = build_optimizer(model.parameters(), params.optimizer, device)
+    try:
+        return _train(params, data, model, fn, settings, on_epoch=on_epoch, checkpoint_path=checkpoint_path,
+                      resume_from=resume_from, checkpoint_when=checkpoint_when, evaluate_test=evaluate_test,
+                      on_step=on_step)
+    except Exception:
+        if settings.compile:  # a compile that failed (no C compiler, ...) must not stay cached
+            _COMPILED.pop(_compiled_key(t.model, data, device), None)
+        raise
+
+
+def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Callable, settings: DeviceSettings, *,
+           on_epoch: Callable[[EpochRecord], bool | None] | None, checkpoint_path: str | Path | None,
+           resume_from: str | Path | None, checkpoint_when: Callable[[EpochRecord], bool] | None,
+           evaluate_test: bool, on_step: Callable[[int, int], None] | None) -> TrainResult:
+    device = data.device
+    t = params.training
+    optimizer = build_optimizer(model.parameters(), params.optimizer, device, fused=settings.fused_adam)
     param_list = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device=device).manual_seed(t.seed)
 
-    steps_per_epoch = _steps_per_epoch(len(data.y_train), t.batch_size)
+    drop_last = settings.static_shapes
+    steps_per_epoch = _steps_per_epoch(len(data.y_train), t.batch_size, drop_last)
     schedule = LRSchedule(params.schedule, t.epochs * steps_per_epoch, steps_per_epoch)
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
@@ -233,8 +303,8 @@ def train(params: TrialParams, data: DeviceData, *,
     if resume_from is not None:
         state = load_checkpoint(resume_from, params)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng_data"])
+        optimizer.load_state_dict(_optimizer_state_for(optimizer, state["optimizer"]))
+        _restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
@@ -254,7 +324,7 @@ def train(params: TrialParams, data: DeviceData, *,
         clipped: list[torch.Tensor] = []
         lr = params.optimizer.lr
         n_steps = 0
-        for i, (xb, yb) in enumerate(train_batches(data, t.batch_size, gen, t.augment)):
+        for i, (xb, yb) in enumerate(train_batches(data, t.batch_size, gen, t.augment, drop_last=drop_last)):
             lr = schedule.apply(optimizer, step, params.optimizer.lr)
             with _autocast(device, settings):
                 loss = F.cross_entropy(fn(xb).float(), yb)
@@ -305,13 +375,42 @@ def train(params: TrialParams, data: DeviceData, *,
         result.val_loss = history[-1]["val_loss"]
     if evaluate_test and outcome != "diverged":
         result.test_loss, result.test_accuracy = evaluate(fn, model, data.x_test, data.y_test, data, settings)
-    result.model = model
+    # the caller's own copy: a compiled module is shared with the worker's next trial
+    result.model = copy.deepcopy(model) if settings.compile else model
     return result
 
 
-def _steps_per_epoch(n: int, batch_size: int) -> int:
+def _steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
     full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= 2 else 0)
+    return max(1, full) if drop_last else full + (1 if rest >= 2 else 0)
+
+
+def _optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state, with the implementation flags of `optimizer` (fused on CUDA,
+    foreach on the CPU) instead of those of the device that saved it, so a checkpoint resumes on
+    another device type. (Optimizer.load_state_dict would keep the saved flags, and fused CUDA
+    Adam state would then be loaded as fused on a CPU.)"""
+    groups = []
+    for group, now in zip(saved["param_groups"], optimizer.param_groups):
+        group = dict(group)
+        for flag in ("fused", "foreach", "capturable", "differentiable"):
+            if flag in now:
+                group[flag] = now[flag]
+        groups.append(group)
+    return {**saved, "param_groups": groups}
+
+
+def _restore_generator(gen: torch.Generator, saved: torch.Tensor, seed: int, epoch: int) -> bool:
+    """Restore the data generator (shuffles, crops, flips). A state saved by a generator of another
+    device type (a CUDA generator's state is 16 bytes, a CPU one's 5,056) cannot load: the resumed
+    trial then draws its data order from a generator seeded by (seed, epoch), so the resume still
+    works but is not bit-identical to an uninterrupted run. Returns whether the state was restored."""
+    try:
+        gen.set_state(saved)
+        return True
+    except (RuntimeError, ValueError):
+        gen.manual_seed(seed * 1_000_003 + epoch)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,6 @@ from .registry import build_pruner, build_sampler
 from .storage import DEFAULT_RETRY_SECONDS, Retry, StorageURL, open_storage, require_study
 
 
-
 @dataclass
 class WorkerOptions:
     """A worker's settings, resolved (settings.py resolves flags and environment at the CLI edge)."""
