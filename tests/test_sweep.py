@@ -187,3 +187,17 @@ def test_storage_precedence():
 def test_sqlite_busy_timeout_and_postgres_pre_ping():
     assert StorageURL.parse("sqlite:///x.db").engine_kwargs() == {"connect_args": {"timeout": 60}}
     assert StorageURL.parse("postgresql+psycopg://u@h/db").engine_kwargs() == {"pool_pre_ping": True}
+
+
+def test_sweep_workers_per_gpu_counts_visible_uuids(tmp_path, cli):
+    """CUDA_VISIBLE_DEVICES entries that are GPU-/MIG- UUIDs are GPUs to pin to, kept as they are:
+    two of them and `--workers-per-gpu 2` make four worker processes (on a CPU machine, the pinned
+    children's `--device auto` trains on the CPU) that run the study to exactly n_trials."""
+    url = sqlite(tmp_path)
+    path = study_file(tmp_path, n_trials=5, epochs=1)
+    visible = "GPU-0c5a9e3f-2b1d-4e8a-9f7c-3d2e1b0a9c8d,MIG-5f7c2a31-0b8e-5d4c-9a1f-2e3d4c5b6a79"
+    run = cli("sweep", str(path), "--storage", url, "--workers-per-gpu", "2", timeout=600,
+              env={"CUDA_VISIBLE_DEVICES": visible, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "4 workers" in run.stdout and "ignored" not in run.stderr
+    assert_clean_finish(url, "small", 5)

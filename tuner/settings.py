@@ -11,6 +11,7 @@ this module and `tuner/cli/` are the only places that look at `os.environ`.
 | SQLite write-ahead log | | `TUNER_SQLITE_WAL` (0 turns it off) | | on |
 | data dir (cifar10) | `--data-dir` | `TUNER_DATA_DIR` | | `$XDG_CACHE_HOME/tuner/data` or `~/.cache/tuner/data` |
 | timeout, heartbeat | `--timeout`, `--heartbeat-interval` | | `timeout:`, `heartbeat:` | none, 60 s |
+| local workers' GPUs | `--device cuda:N` | `CUDA_VISIBLE_DEVICES` | | `nvidia-smi -L`, else torch |
 """
 
 from __future__ import annotations
@@ -108,16 +109,19 @@ class Settings:
                    sqlite_wal=sqlite_wal(env))
 
 
-def child_env(url: StorageURL, *, gpu: str | None = None, threads: int | None = None) -> dict[str, str]:
-    """The environment of a local worker process: the URL (with its password) goes by environment,
-    never on a command line that `ps` shows."""
-    env = {**os.environ, "TUNER_STORAGE": url.url}
-    env.pop("TUNER_STORAGE_PASSWORD_FILE", None)  # the URL has the password already
+def child_env(url: StorageURL, *, gpu: str | None = None, threads: int | None = None,
+              env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a local worker process, from `env` (default: this process's): the URL (with
+    its password) goes by environment, never on a command line that `ps` shows; `gpu` pins it
+    (CUDA_VISIBLE_DEVICES); `threads` sets OMP_NUM_THREADS unless the environment sets it already."""
+    base = _env(env)
+    out = {**base, "TUNER_STORAGE": url.url}
+    out.pop("TUNER_STORAGE_PASSWORD_FILE", None)  # the URL has the password already
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+        out["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None and "OMP_NUM_THREADS" not in base:
+        out["OMP_NUM_THREADS"] = str(threads)
+    return out
 
 
 def visible_gpus_env() -> str | None:

@@ -8,13 +8,16 @@ count twice: the copy counts, the trial it replaces does not.
 
 from __future__ import annotations
 
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,8 +33,9 @@ from .settings import child_env, visible_gpus_env
 from .storage import Retry, StorageURL, open_storage, require_study
 from .worker import WorkerOptions, run_worker
 
-__all__ = ["SweepResult", "WorkerOptions", "assign_gpus", "prepare_study", "run_sweep", "run_worker",
-           "stored_config", "summarize", "visible_gpus"]
+__all__ = ["Launch", "SweepResult", "WorkerOptions", "assign_gpus", "parse_nvidia_smi", "parse_visible",
+           "plan_workers", "prepare_study", "run_sweep", "run_worker", "run_worker_processes", "stored_config",
+           "summarize", "visible_gpus", "worker_gpus", "worker_processes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,14 +164,39 @@ def _publish(storage: Any, name: str) -> None:
         print(f"warning: dashboard panels not written: {exc}", file=sys.stderr)
 
 
+def run_worker_processes(url: str | StorageURL, name: str, workers: int, opts: WorkerOptions, *,
+                         on_poll: Callable[[list[FrozenTrial]], None] | None = None,
+                         on_start: Callable[[list[FrozenTrial], int | None], None] | None = None) -> SweepResult:
+    """`tuner worker --workers-per-gpu K`: `workers` local `tuner worker` processes on an existing
+    study, pinned to GPUs as `plan_workers` says, until its budget is used; then the study's summary.
+    The study must exist (exit 2 otherwise: no process is started)."""
+    target = StorageURL.parse(url)
+    started = time.time()
+    rdb = open_storage(target, must_exist=True)
+    sid = require_study(rdb, name)
+    retry = Retry(target.shown, opts.retry_seconds)
+    if on_start is not None:
+        before = retry(lambda: rdb.get_all_trials(sid, deepcopy=False))
+        on_start(before, retry(lambda: rdb.get_study_user_attrs(sid)).get(keys.N_TRIALS))
+    if opts.worker_index is None:
+        # Sampler seeds: the same random base for this machine's processes (+0, +1, ...), so that
+        # machines running this command on one study do not all sample the same points.
+        opts = replace(opts, worker_index=random.SystemRandom().randrange(1, 2**20))
+    ran = _run_processes(target, name, workers, opts, rdb, on_poll)
+    _publish(rdb, name)
+    return retry(lambda: summarize(rdb, name, target, time.time() - started, ran))
+
+
 def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions, rdb: Any,
                    on_poll: Callable[[list[FrozenTrial]], None] | None) -> int:
     """N `tuner worker` processes; the URL goes by environment, never on a command line (ps).
 
     Workers run in their own session, so a terminal's Ctrl-C reaches only this process, which
     forwards SIGINT/SIGTERM to them: once for a graceful stop, again to abort."""
+    import os
+
     gpus = visible_gpus() if opts.device != "cpu" else []
-    pinned = assign_gpus(workers, gpus)
+    launches = worker_processes(url, name, workers, opts, gpus, cpus=os.cpu_count() or 1)
     procs: list[subprocess.Popen] = []
     got: list[int] = []
     lock = threading.Lock()
@@ -189,29 +218,9 @@ def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions
     if opts.handle_signals and threading.current_thread() is threading.main_thread():
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        import os
-
-        threads = max(1, (os.cpu_count() or 1) // workers) if (opts.device == "cpu" or not gpus) else None
-        for i in range(workers):
+        for env, cmd in launches:
             if got:
                 break
-            # CPU workers share the cores: oversubscribed OpenMP threads spin and run ~10x slower
-            env = child_env(url, gpu=pinned[i], threads=threads)
-            cmd = [sys.executable, "-m", "tuner", "worker", "--study-name", name, "--device", opts.device,
-                   "--worker-index", str((opts.worker_index or 0) + i), "--quiet",
-                   "--checkpoint-every", repr(float(opts.checkpoint_every))]
-            if opts.data_dir:
-                cmd += ["--data-dir", str(opts.data_dir)]
-            if opts.timeout:
-                cmd += ["--timeout", str(opts.timeout)]
-            if opts.heartbeat_interval:
-                cmd += ["--heartbeat-interval", str(opts.heartbeat_interval)]
-            if opts.artifact_dir:
-                from pathlib import Path
-
-                cmd += ["--artifact-dir", str(Path(opts.artifact_dir).resolve())]
-            if opts.keep_checkpoints:
-                cmd += ["--keep-checkpoints", opts.keep_checkpoints]
             with lock:
                 procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         sid = require_study(rdb, name)
@@ -235,6 +244,41 @@ def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions
     return -1  # counted from the storage by summarize
 
 
+# ---------------------------------------------------------------------------------------------
+# Local worker processes: which GPU each one gets, and how it is started (pure, so testable on a CPU)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    """How one local worker process starts: pinned to `gpu` through CUDA_VISIBLE_DEVICES (None: it
+    sees what this process sees), with `threads` OpenMP threads (None: inherited), given `--device`."""
+
+    gpu: str | None
+    threads: int | None
+    device: str
+
+
+_CUDA_N = re.compile(r"cuda:(\d+)")
+
+
+def worker_gpus(device: str, gpus: list[str]) -> list[str]:
+    """The GPUs local worker processes may use, given `--device` and the visible GPUs (`visible_gpus()`,
+    in order): `cpu` none, `cuda:N` only the N-th visible one, `auto`/`cuda` all of them."""
+    if device == "cpu":
+        return []
+    if device.startswith("cuda:"):
+        match = _CUDA_N.fullmatch(device)
+        if match is None:
+            raise ConfigError(f"expected cuda or cuda:N with N a GPU index, got {device!r}", key="--device")
+        n = int(match.group(1))
+        if n >= len(gpus):
+            seen = f"only {len(gpus)} GPU{'s are' if len(gpus) > 1 else ' is'} visible (cuda:0" \
+                   f"{f' to cuda:{len(gpus) - 1}' if len(gpus) > 1 else ''})" if gpus else "no GPU is visible"
+            raise ConfigError(f"{device} asked for, but {seen}", key="--device")
+        return [gpus[n]]
+    return list(gpus)
+
+
 def assign_gpus(workers: int, gpus: list[str]) -> list[str | None]:
     """The GPU each local worker is pinned to: round-robin, so `--workers-per-gpu K` puts K on each.
     With one GPU or none, workers are not pinned (None: they see what the parent sees)."""
@@ -243,8 +287,55 @@ def assign_gpus(workers: int, gpus: list[str]) -> list[str | None]:
     return [gpus[i % len(gpus)] for i in range(workers)]
 
 
+def plan_workers(workers: int, device: str, gpus: list[str], cpus: int) -> list[Launch]:
+    """Each local worker's GPU, thread count and `--device`, given `--device`, the visible GPUs and the cores.
+
+    - `cpu`: no worker is pinned; the cores are shared (OMP_NUM_THREADS = cores // workers).
+    - `cuda:N`: every worker is pinned to visible GPU N and given `--device cuda`: the only device
+      it sees is its index 0, so `cuda:N` there would be an invalid device ordinal.
+    - `auto`, `cuda`: round-robin over the visible GPUs when there are several (`assign_gpus`);
+      with none visible, the cores are shared as for `cpu`."""
+    chosen = worker_gpus(device, gpus)
+    if _CUDA_N.fullmatch(device):
+        return [Launch(chosen[0], None, "cuda") for _ in range(workers)]
+    threads = None if chosen else max(1, cpus // workers)
+    return [Launch(gpu, threads, device) for gpu in assign_gpus(workers, chosen)]
+
+
+def worker_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions, gpus: list[str], *,
+                     cpus: int, environ: Mapping[str, str] | None = None) -> list[tuple[dict[str, str], list[str]]]:
+    """The (environment, argv) of each local `tuner worker` process. `environ` is the environment they
+    start from (None: this process's). The storage URL goes in the environment, never in argv (ps)."""
+    from pathlib import Path
+
+    out = []
+    for i, launch in enumerate(plan_workers(workers, opts.device, gpus, cpus)):
+        # CPU workers share the cores: oversubscribed OpenMP threads spin and run ~10x slower
+        env = child_env(url, gpu=launch.gpu, threads=launch.threads, env=environ)
+        cmd = [sys.executable, "-m", "tuner", "worker", "--study-name", name, "--device", launch.device,
+               "--worker-index", str((opts.worker_index or 0) + i), "--quiet",
+               "--checkpoint-every", repr(float(opts.checkpoint_every))]
+        if opts.data_dir:
+            cmd += ["--data-dir", str(opts.data_dir)]
+        if opts.timeout:
+            cmd += ["--timeout", str(opts.timeout)]
+        if opts.heartbeat_interval:
+            cmd += ["--heartbeat-interval", str(opts.heartbeat_interval)]
+        if opts.artifact_dir:
+            cmd += ["--artifact-dir", str(Path(opts.artifact_dir).resolve())]
+        if opts.keep_checkpoints:
+            cmd += ["--keep-checkpoints", opts.keep_checkpoints]
+        out.append((env, cmd))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Visible GPUs
+# ---------------------------------------------------------------------------------------------
+
 def parse_visible(value: str) -> list[str]:
-    """`CUDA_VISIBLE_DEVICES` as a list: entries stripped; empty, or starting with -1, is none."""
+    """`CUDA_VISIBLE_DEVICES` as a list: entries stripped; empty, or starting with -1, is none.
+    Indices and GPU-/MIG- UUIDs are kept as they are (a child pinned to one gets it verbatim)."""
     out = []
     for entry in value.split(","):
         entry = entry.strip()
@@ -254,10 +345,47 @@ def parse_visible(value: str) -> list[str]:
     return out
 
 
+_SMI_GPU = re.compile(r"^GPU\s+(\d+):.*?\(UUID:\s*(GPU-[^)\s]+)\)")
+_SMI_MIG = re.compile(r"^\s+MIG\s.*?Device\s+\d+:\s*\(UUID:\s*(MIG-[^)\s]+)\)")
+
+
+def parse_nvidia_smi(text: str) -> list[str]:
+    """The devices a worker can be pinned to, from `nvidia-smi -L`: each MIG slice by its UUID
+    (`MIG-...`), and each GPU without MIG slices by its UUID (`GPU-...`; its index when the line has
+    none). A GPU with MIG slices is not counted as a whole GPU: CUDA sees only its slices. UUIDs are
+    unambiguous, where an index would follow CUDA's device order, which need not be nvidia-smi's."""
+    gpus: list[tuple[str, list[str]]] = []  # (the GPU's UUID or index, its MIG slices)
+    for line in text.splitlines():
+        gpu = _SMI_GPU.match(line)
+        if gpu is not None:
+            gpus.append((gpu.group(2), []))
+            continue
+        if line.startswith("GPU "):  # a GPU line without a UUID: fall back to its index
+            index = re.match(r"GPU\s+(\d+):", line)
+            if index is not None:
+                gpus.append((index.group(1), []))
+            continue
+        mig = _SMI_MIG.match(line)
+        if mig is not None and gpus:
+            gpus[-1][1].append(mig.group(1))
+    return [device for whole, slices in gpus for device in (slices or [whole])]
+
+
 def visible_gpus() -> list[str]:
+    """The devices local workers can be pinned to: CUDA_VISIBLE_DEVICES's entries when it is set;
+    else `nvidia-smi -L`'s GPUs and MIG slices (`parse_nvidia_smi`); else torch's device count."""
     env = visible_gpus_env()
     if env is not None:
         return parse_visible(env)
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            run = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            run = None
+        devices = parse_nvidia_smi(run.stdout) if run is not None and run.returncode == 0 else []
+        if devices:
+            return devices
     try:
         import torch
 

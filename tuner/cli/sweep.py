@@ -185,7 +185,9 @@ def sweep_command(
     timeout: TimeoutOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Local worker processes (one per GPU when several).")] = 1,
     workers_per_gpu: Annotated[int | None, typer.Option(
-        "--workers-per-gpu", help="Run K workers on each visible GPU (small trials share a GPU).")] = None,
+        "--workers-per-gpu", metavar="K",
+        help="Run K workers on each visible GPU (small trials share a GPU; MIG slices count as GPUs; with "
+             "--device cuda:N, K on GPU N).")] = None,
     device: DeviceOpt = "auto",
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
@@ -237,14 +239,16 @@ def sweep_command(
         say(f"study {name} ready in {env.storage.shown}: {total or 'unlimited'} trials of {config.training.model} on "
             f"{config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
         return
-    from ..sweep import WorkerOptions, run_sweep, visible_gpus
+    from ..sweep import WorkerOptions, run_sweep
 
     if workers_per_gpu:
-        gpus = visible_gpus() if device != "cpu" else []
+        gpus = _worker_gpus(device)
         if gpus:
             workers = max(workers, workers_per_gpu * len(gpus))
         else:
             err_console.print("note: --workers-per-gpu ignored: no GPU visible")
+    elif workers > 1:
+        _worker_gpus(device)  # --device cuda:N names a visible GPU (checked before the study is written)
     say(f"sweep {name}: {n_trials or config.n_trials or 'unlimited'} trials of {config.training.model} on "
         f"{config.training.dataset}, {config.training.epochs} epochs each; sampler {config.sampler.name}, "
         f"pruner {config.pruner.name}, {workers} worker{'s' if workers > 1 else ''}")
@@ -258,6 +262,21 @@ def sweep_command(
                            opts=opts, on_trial=progress.trial, on_poll=progress.poll,
                            on_start=progress.begin)
     print_summary(result)
+
+
+WorkersPerGpuOpt = Annotated[int | None, typer.Option(
+    "--workers-per-gpu", metavar="K",
+    help="Start K worker processes on each visible GPU (MIG slices count as GPUs), each pinned to its GPU "
+         "with CUDA_VISIBLE_DEVICES; with --device cuda:N, K on GPU N. With no GPU visible, one worker "
+         "runs in this process.")]
+
+
+def _worker_gpus(device: str) -> list[str]:
+    """The visible GPUs local worker processes would run on under `--device` (ConfigError, exit 2,
+    for a `cuda:N` that is not visible)."""
+    from ..sweep import visible_gpus, worker_gpus
+
+    return worker_gpus(device, visible_gpus() if device != "cpu" else [])
 
 
 def _refuse_worker_flags(**given: Any) -> None:
@@ -278,6 +297,7 @@ def worker_command(
     timeout: TimeoutOpt = None,
     heartbeat_interval: HeartbeatOpt = None,
     worker_index: Annotated[int | None, typer.Option("--worker-index", hidden=True)] = None,
+    workers_per_gpu: WorkersPerGpuOpt = None,
     artifact_dir: ArtifactDirOpt = None,
     keep_checkpoints: KeepOpt = None,
     checkpoint_every: EveryOpt = None,
@@ -286,12 +306,13 @@ def worker_command(
 ) -> None:
     """Join an existing study (from any machine) and run its trials; the config comes from the storage.
 
+    With --workers-per-gpu K, start K worker processes per visible GPU, each pinned to its GPU.
     SIGINT/SIGTERM stop at the next epoch boundary (exit 130 / 143); a second signal aborts."""
     from ..worker import WorkerOptions, run_worker
 
     check_keep(keep_checkpoints)
     every = settings.checkpoint_every(checkpoint_every)
-    for flag, value in (("--heartbeat-interval", heartbeat_interval),):
+    for flag, value in (("--heartbeat-interval", heartbeat_interval), ("--workers-per-gpu", workers_per_gpu)):
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
     if timeout is not None and timeout <= 0:
@@ -303,6 +324,21 @@ def worker_command(
                          keep_checkpoints=keep_checkpoints, checkpoint_every=every,
                          retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal)
     progress = SweepProgress(None, quiet=quiet, bar=False)  # workers print plain lines
+    if workers_per_gpu:
+        gpus = _worker_gpus(device)
+        if gpus:
+            from ..sweep import run_worker_processes
+
+            workers = workers_per_gpu * len(gpus)
+            if not quiet:
+                say(f"worker: {workers} processes on {len(gpus)} GPU{'s' if len(gpus) > 1 else ''} "
+                    f"({workers_per_gpu} per GPU), study {study_name}")
+            result = run_worker_processes(env.storage, study_name, workers, opts, on_poll=progress.poll,
+                                          on_start=progress.begin)
+            if not quiet:
+                print_summary(result)
+            return
+        err_console.print("note: --workers-per-gpu ignored: no GPU visible")
     ran = run_worker(env.storage, study_name, opts, on_trial=progress.trial)
     if not quiet:
         say(f"worker done: {ran} trials")
