@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_check import count_syncs
 from tuner.data import load_dataset
 from tuner.models import build_model
 from tuner.optim import OPTIMIZER_CLASSES, build_optimizer, clip_gradients
@@ -97,28 +97,10 @@ def test_fused_adam_matches_foreach(name: str, amsgrad: bool, weight_decay: floa
 # Host syncs
 # ---------------------------------------------------------------------------------------------
 
-def syncs_per_epoch(params: TrialParams, data: Any) -> list[int]:
-    """Synchronizing CUDA calls per epoch of one train() call, from set_sync_debug_mode("warn")."""
-    marks: list[int] = []
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            def on_epoch(record: Any) -> bool:
-                marks.append(sum(1 for w in caught if "synchroniz" in str(w.message).lower()))
-                return False
-
-            train(params, data, on_epoch=on_epoch)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return [b - a for a, b in zip([0, *marks], marks)]
-
-
 def test_an_epoch_syncs_about_once_per_16_steps() -> None:
     data = load_dataset("synthetic:5000", CUDA)  # 4,500 training images: 71 steps at batch 64
     steps = math.ceil(len(data.y_train) / 64)
-    per_epoch = syncs_per_epoch(make_params(epochs=3, clipping={"mode": "norm", "threshold": 1.0}), data)
+    per_epoch = count_syncs(make_params(epochs=3, clipping={"mode": "norm", "threshold": 1.0}), data)
     assert len(per_epoch) == 3
     # epochs 2 and 3 are steady: the divergence check every 16 steps, plus a few at the epoch's end
     # (loss, gradient-norm stats, validation); the first also holds the trial's set-up
