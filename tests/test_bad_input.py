@@ -73,6 +73,47 @@ def _write_npz_shape(ws: Path) -> None:
     np.savez(ws / "shape.npz", x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
 
 
+MODS = """
+from torch import nn
+
+VALUE = 3
+
+
+def not_a_module(num_classes):
+    return [1, 2]
+
+
+def bad_forward(num_classes):
+    return nn.Linear(5, num_classes)
+
+
+def wrong_shape(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))
+
+
+def good(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+"""
+
+
+def _write_npz_own(ws: Path, case: str) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 28, 28, 1), dtype=np.uint8)
+    y = np.arange(60) % 2
+    if case == "labels":  # y_train has 0..1, y_test a 4
+        np.savez(ws / "labels.npz", x_train=x, y_train=y, x_test=x[:20], y_test=np.where(np.arange(20) == 3, 4, 0))
+    elif case == "float":
+        np.savez(ws / "float.npz", x_train=x.astype(np.float32), y_train=y, x_test=x[:20], y_test=y[:20])
+    else:  # grey train images, colour test images
+        np.savez(ws / "mixed.npz", x_train=x, y_train=y, x_test=np.zeros((20, 28, 28, 3), np.uint8), y_test=y[:20])
+
+
+def _write_empty_image_folder(ws: Path) -> None:
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (ws / "imgs" / split / name).mkdir(parents=True)
+
+
 def _write_ckpt_corrupt(ws: Path) -> None:
     (ws / "corrupt.pt").write_bytes(os.urandom(4096))
 
@@ -167,6 +208,35 @@ CASES = [
          setup=_write_npz_corrupt),
     Case("npz-wrong-shape", ["train", "good-params.yaml", "--dataset", "shape.npz"], 2, ["shape.npz", "shape"],
          setup=_write_npz_shape),
+    Case("npz-labels-out-of-range", ["train", "good-params.yaml", "--dataset", "labels.npz"], 2,
+         ["labels.npz", "y_test", "0..1"], setup=lambda ws: _write_npz_own(ws, "labels")),
+    Case("npz-not-uint8", ["train", "good-params.yaml", "--dataset", "float.npz"], 2, ["float.npz", "uint8"],
+         setup=lambda ws: _write_npz_own(ws, "float")),
+    Case("npz-shapes-disagree", ["train", "good-params.yaml", "--dataset", "mixed.npz"], 2,
+         ["mixed.npz", "x_test", "agree"], setup=lambda ws: _write_npz_own(ws, "mixed")),
+    Case("imagefolder-empty", ["train", "good-params.yaml", "--dataset", "imagefolder:imgs"], 2,
+         ["imagefolder:imgs", "train/", "no images"], setup=_write_empty_image_folder),
+    # models by reference: imported, built and run on one dummy batch when the file loads
+    Case("model-not-importable", ["sweep", "bad.yaml"], 2, ["bad.yaml", "model", "nosuchpkg", "ModuleNotFoundError"],
+         files={"bad.yaml": study(model="nosuchpkg.nets:build")}),
+    Case("model-import-fails", ["train", "bad.yaml"], 2, ["bad.yaml", "training.model", "SyntaxError"],
+         files={"bad.yaml": params("training", model="broken.py:build"), "broken.py": "def build(:\n"}),
+    Case("model-file-missing", ["train", "bad.yaml"], 2, ["bad.yaml", "training.model", "nope.py", "not found"],
+         files={"bad.yaml": params("training", model="nope.py:build")}),
+    Case("model-no-such-name", ["sweep", "bad.yaml"], 2, ["bad.yaml", "model", "no attribute", "missing"],
+         files={"bad.yaml": study(model="mods.py:missing"), "mods.py": MODS}),
+    Case("model-not-callable", ["sweep", "bad.yaml"], 2, ["bad.yaml", "model", "not callable"],
+         files={"bad.yaml": study(model="mods.py:VALUE"), "mods.py": MODS}),
+    Case("model-not-a-module", ["train", "bad.yaml"], 2, ["bad.yaml", "training.model", "not a torch.nn.module"],
+         files={"bad.yaml": params("training", model="mods.py:not_a_module"), "mods.py": MODS}),
+    Case("model-forward-fails", ["sweep", "bad.yaml"], 2, ["bad.yaml", "model", "forward pass", "2×3×32×32"],
+         files={"bad.yaml": study(model="mods.py:bad_forward"), "mods.py": MODS}),
+    Case("model-wrong-output", ["train", "bad.yaml"], 2, ["bad.yaml", "training.model", "(2, 7)", "(2, 10)"],
+         files={"bad.yaml": params("training", model="mods.py:wrong_shape"), "mods.py": MODS}),
+    Case("model-options-shape-key", ["sweep", "bad.yaml"], 2, ["bad.yaml", "model_options.num_classes", "dataset"],
+         files={"bad.yaml": study(model="mods.py:good", model_options={"num_classes": 3}), "mods.py": MODS}),
+    Case("model-options-for-a-name", ["sweep", "bad.yaml"], 2, ["bad.yaml", "model_options", "reference"],
+         files={"bad.yaml": study(model_options={"width": 3})}),
     # checkpoints
     Case("checkpoint-corrupt", ["train", "good-params.yaml", "--checkpoint", "corrupt.pt"], 1,
          ["corrupt.pt", "corrupt"], setup=_write_ckpt_corrupt),

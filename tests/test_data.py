@@ -229,6 +229,39 @@ def test_train_batches_cover_the_epoch() -> None:
     assert sizes == [n - 1]
 
 
+def test_flip_off_never_mirrors_and_still_crops() -> None:
+    cols = torch.arange(28, dtype=torch.uint8)[None, :].expand(28, 28)
+    img = (cols + 1)[None]  # 1×28×28, one channel, different under a mirror
+    x = img[None].repeat(64, 1, 1, 1)
+    assert torch.equal(augment(x, gen(3), pad=0, flip=False), x)  # no crop, no flip: the images themselves
+    index = torch.randperm(64, generator=gen(1))
+    assert torch.equal(augment(x, gen(3), pad=0, index=index, flip=False), x[index])
+    out = augment(x, gen(4), pad=3, flip=False)
+    padded = torch.nn.functional.pad(img, (3, 3, 3, 3))
+    plain = [padded[:, dy:dy + 28, dx:dx + 28] for dy in range(7) for dx in range(7)]
+    assert all(any(torch.equal(o, c) for c in plain) for o in out)  # every output an unmirrored crop
+    assert len({o.numpy().tobytes() for o in out}) > 5  # it did crop
+    # with flip on, the same data is mirrored about half the time (the flip switch is what turns it off)
+    on = augment(x, gen(4), pad=0)
+    assert 0.25 < sum(bool(torch.equal(o, img.flip(-1))) for o in on) / 64 < 0.75
+
+
+def test_train_batches_follow_the_augment_setting() -> None:
+    from tuner.params import Augment
+
+    data = load_dataset("synthetic:200")
+    off = [x for x, _ in train_batches(data, 64, gen(0), augment_images=False)]
+    still = [x for x, _ in train_batches(data, 64, gen(0), augment_images=Augment(crop_padding=0, flip=False))]
+    assert all(torch.equal(a, b) for a, b in zip(off, still))  # no crop, no flip: only the shuffle
+    default = [x for x, _ in train_batches(data, 64, gen(0), augment_images=True)]
+    explicit = [x for x, _ in train_batches(data, 64, gen(0), augment_images=Augment(crop_padding=4, flip=True))]
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))  # true is pad 4 and flip at 32 px
+    assert not all(torch.equal(a, b) for a, b in zip(default, off))
+    # the padding scales with the image size when it is not given
+    assert Augment().padding(32) == 4 and Augment().padding(28) == 4 and Augment().padding(64) == 8
+    assert Augment().padding(16) == 2 and Augment().padding(8) == 1 and Augment(crop_padding=0).padding(64) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # .npz files
 # ---------------------------------------------------------------------------------------------

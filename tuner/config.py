@@ -3,7 +3,8 @@
     name: quickstart
     direction: maximize            # validation accuracy
     dataset: synthetic
-    model: tiny
+    model: tiny                    # or your own: package.module:callable, path/to/file.py:callable
+    model_options: {}              # optional: keyword arguments for a model reference
     epochs: 6                      # the budget, and the pruning resource
     batch_size: 128
     seed: 0
@@ -13,14 +14,15 @@
     pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}
     storage: null                  # optional SQLAlchemy URL
     heartbeat: {interval: 60}      # optional: interval, grace_period, max_retry
-    training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile
+    training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile, image_size
     space:                         # each knob: a fixed value, {low, high, log}, or {choices: [...]}
       lr: {low: 1.0e-4, high: 1.0e-1, log: true}
       one_minus_beta1: {low: 1.0e-3, high: 0.5, log: true}
       ...
 
 Everything is validated when the file is loaded: unknown keys, wrong types, low > high, a log
-range with low <= 0, and empty choices raise `ConfigError` naming the file and the key.
+range with low <= 0, and empty choices raise `ConfigError` naming the file and the key. A model
+reference is imported and run on one dummy batch of the dataset's shape (`load_study_file`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .params import DEFAULT_MODEL, TrainingParams
+from .params import TrainingParams
 from .space import SearchSpace, parse_space
 from .validate import Checker, read_yaml
 
@@ -68,9 +70,10 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as stored in the study. It never holds the storage URL."""
-        t = asdict(self.training)
+        t = self.training.to_dict()
         return {
             "name": self.name, "direction": self.direction, "dataset": t.pop("dataset"), "model": t.pop("model"),
+            **({"model_options": t.pop("model_options")} if "model_options" in t else {}),
             "epochs": t.pop("epochs"), "batch_size": t.pop("batch_size"), "seed": t.pop("seed"),
             "training": t, "n_trials": self.n_trials, "timeout": self.timeout,
             "sampler": asdict(self.sampler), "pruner": asdict(self.pruner),
@@ -80,16 +83,16 @@ class StudyConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What may not change when a study is continued: space, direction and budget."""
         d = self.to_dict()
-        return {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
+        out = {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
+        return {**out, "model_options": d.get("model_options")}
 
 
-TOP_KEYS = ("name", "direction", "dataset", "model", "epochs", "batch_size", "seed", "n_trials", "timeout",
-            "sampler", "pruner", "storage", "heartbeat", "training", "space")
+TOP_KEYS = ("name", "direction", "dataset", "model", "model_options", "epochs", "batch_size", "seed", "n_trials",
+            "timeout", "sampler", "pruner", "storage", "heartbeat", "training", "space")
 
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     """Validate a study mapping (from a file, or as stored in a study)."""
-    from .models import MODELS
     from .registry import PRUNERS, SAMPLERS  # the registry names are the valid values
 
     c = Checker(data, file=file, prefix="", allowed=TOP_KEYS)
@@ -102,11 +105,12 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     if n_trials is None and timeout is None:
         raise c.error("n_trials", "set n_trials, timeout, or both")
     extra = Checker(c.raw("training"), file=file, prefix="training",
-                    allowed=("val_fraction", "augment", "precision", "compile"))
-    from .params import _training  # one validator for training settings, shared with params files
+                    allowed=("val_fraction", "augment", "precision", "compile", "image_size"))
+    from .params import _training, model_setting  # one validator for training settings, shared with params files
 
+    model, options = model_setting(c, "model", "model_options")
     training = _training({
-        "model": c.str("model", DEFAULT_MODEL, choices=sorted(MODELS)), "epochs": c.int("epochs", 10, ge=1),
+        "model": model, **({"model_options": options} if options else {}), "epochs": c.int("epochs", 10, ge=1),
         "batch_size": c.int("batch_size", 512, ge=1), "dataset": c.str("dataset", "cifar10"),
         "seed": c.int("seed", 0, ge=0), **extra.data,
     }, file)
@@ -155,9 +159,21 @@ def _heartbeat(raw: Any, file: str | None) -> Heartbeat:
     return Heartbeat(interval=interval, grace_period=grace, max_retry=c.int("max_retry", d.max_retry, ge=0))
 
 
-def load_study_file(path: str | Path) -> StudyConfig:
+def load_study_file(path: str | Path, *, check_model: bool = True) -> StudyConfig:
+    """Read and validate a study file. A model reference is imported, built on the CPU and run on one
+    dummy batch of the dataset's shape unless `check_model` is false (see `check_study_model`)."""
     data, name = read_yaml(path)
-    return parse_study(data, file=name)
+    config = parse_study(data, file=name)
+    if check_model:
+        check_study_model(config)
+    return config
+
+
+def check_study_model(config: StudyConfig, data_dir: str | Path | None = None) -> None:
+    """A model reference, imported and tried on one dummy batch (`ConfigError` naming the file and `model`)."""
+    from .params import check_training_model
+
+    check_training_model(config.training, file=config.source, key="model", data_dir=data_dir)
 
 
 def config_from_stored(data: dict[str, Any], study_name: str) -> StudyConfig:

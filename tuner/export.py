@@ -23,10 +23,16 @@ if TYPE_CHECKING:
 def choose_best(storage: optuna.storages.BaseStorage, name: str) -> tuple[FrozenTrial, dict[str, Any]]:
     """The winning trial and the `study:` block describing why it won."""
     study_id = require_study(storage, name)
-    trials = keys.completed(storage.get_all_trials(study_id, deepcopy=False))
+    return choose_best_of(storage.get_all_trials(study_id, deepcopy=False), storage.get_study_user_attrs(study_id),
+                          name)
+
+
+def choose_best_of(all_trials: list[FrozenTrial], attrs: dict[str, Any],
+                   name: str) -> tuple[FrozenTrial, dict[str, Any]]:
+    """`choose_best` over a study's trials and user attrs (as `optuna.Study` gives them)."""
+    trials = keys.completed(all_trials)
     if not trials:
         raise TunerError(f"study {name!r} has no COMPLETE trial to export yet")
-    attrs = storage.get_study_user_attrs(study_id)
     config = attrs.get(keys.CONFIG) or {}
     block: dict[str, Any] = {"name": name, "direction": config.get("direction", "maximize"),
                              "dataset": config.get("dataset")}
@@ -46,7 +52,11 @@ def choose_best(storage: optuna.storages.BaseStorage, name: str) -> tuple[Frozen
 
 
 def export_text(storage: optuna.storages.BaseStorage, name: str) -> str:
-    best, block = choose_best(storage, name)
+    return text_for(*choose_best(storage, name))
+
+
+def text_for(best: FrozenTrial, block: dict[str, Any]) -> str:
+    """The params file of the winning trial, with its `study:` block."""
     params = parse_params(best.user_attrs[keys.PARAMS])  # validated: exactly what `tuner train` accepts
     return dump_params(params, extra={"study": block})
 

@@ -8,6 +8,10 @@ This is the format `tuner train` reads and `tuner export` writes:
     training:  {model: fastcnn, epochs: 10, batch_size: 512, dataset: cifar10, seed: 0}
 
 `optimizer` without `name` is accepted verbatim by `torch.optim.Adam` / `AdamW`.
+
+`training.model` is a registry name or a reference to your own model, `package.module:callable` or
+`path/to/file.py:callable`, with optional `training.model_options` (keyword arguments). Optional
+training keys: `augment` (true, false, or {crop_padding, flip}) and `image_size` (imagefolder data).
 """
 
 from __future__ import annotations
@@ -61,6 +65,21 @@ class ClippingParams:
 
 
 @dataclass(frozen=True)
+class Augment:
+    """Random crop with zero padding `crop_padding` (None: 4 at 32 px, scaled with the image size)
+    and, with `flip`, random horizontal mirroring. `augment: true` is Augment()."""
+
+    crop_padding: int | None = None
+    flip: bool = True
+
+    def padding(self, image_size: int) -> int:
+        """The crop padding for images of `image_size` pixels (the smaller side)."""
+        if self.crop_padding is not None:
+            return self.crop_padding
+        return max(1, round(4 * image_size / 32))
+
+
+@dataclass(frozen=True)
 class TrainingParams:
     model: str = DEFAULT_MODEL
     epochs: int = 10
@@ -68,9 +87,29 @@ class TrainingParams:
     dataset: str = "cifar10"
     seed: int = 0
     val_fraction: float = 0.1  # carved from train, seeded; what sweeps optimise
-    augment: bool = True  # random crop (pad 4) + horizontal flip
+    augment: bool | Augment = True  # True: random crop (pad 4 at 32 px) + horizontal flip; or Augment(...)
     precision: str = "auto"  # auto: bf16 autocast on CUDA with bf16 support, else fp32
     compile: bool = False  # torch.compile (CUDA only; ignored on CPU)
+    model_options: Mapping[str, Any] | None = None  # keyword arguments of a model reference
+    image_size: int | None = None  # imagefolder datasets: the side images are resized to (None: 32)
+
+    @property
+    def augmentation(self) -> Augment | None:
+        """The augmentation settings, or None when augmentation is off."""
+        if self.augment is True:
+            return Augment()
+        return self.augment or None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The params-file mapping; keys that keep their defaults and were added later are left out,
+        so files and stored studies from before them read the same."""
+        d = asdict(self)
+        for key in ("model_options", "image_size"):
+            if not d[key]:
+                d.pop(key)
+        if self.model_options:
+            d["model_options"] = dict(self.model_options)
+        return d
 
 
 @dataclass(frozen=True)
@@ -100,7 +139,7 @@ class TrialParams:
                 sched[key] = list(value) if isinstance(value, tuple) else value
         clip = {"mode": self.clipping.mode,
                 "threshold": None if self.clipping.threshold is None else float(self.clipping.threshold)}
-        return {"optimizer": opt, "schedule": sched, "clipping": clip, "training": asdict(self.training)}
+        return {"optimizer": opt, "schedule": sched, "clipping": clip, "training": self.training.to_dict()}
 
 
 def parse_params(data: Any, *, file: str | None = None, extra_keys: tuple[str, ...] = ("study",)) -> TrialParams:
@@ -170,30 +209,90 @@ def _clipping(data: Any, file: str | None) -> ClippingParams:
     return ClippingParams(mode=mode, threshold=c.float("threshold", None, gt=0.0))
 
 
-def _training(data: Any, file: str | None) -> TrainingParams:
-    from .models import MODELS  # the registry names are the valid values
+TRAINING_KEYS = ("model", "model_options", "epochs", "batch_size", "dataset", "seed", "val_fraction", "augment",
+                 "precision", "compile", "image_size")
 
+
+def _training(data: Any, file: str | None) -> TrainingParams:
     d = TrainingParams()
-    c = Checker(data, file=file, prefix="training",
-                allowed=("model", "epochs", "batch_size", "dataset", "seed", "val_fraction", "augment",
-                         "precision", "compile"))
+    c = Checker(data, file=file, prefix="training", allowed=TRAINING_KEYS)
+    model, options = model_setting(c, "model", "model_options")
+    image_size = c.int("image_size", None, ge=4, optional=True)
     return TrainingParams(
-        model=c.str("model", d.model, choices=sorted(MODELS)),
+        model=model, model_options=options, image_size=image_size,
         epochs=c.int("epochs", d.epochs, ge=1),
         batch_size=c.int("batch_size", d.batch_size, ge=1),
         dataset=c.str("dataset", d.dataset),
         seed=c.int("seed", d.seed, ge=0),
         val_fraction=c.float("val_fraction", d.val_fraction, gt=0.0, lt=1.0),
-        augment=c.bool("augment", d.augment),
+        augment=_augment(c),
         precision=c.str("precision", d.precision, choices=PRECISIONS),
         compile=c.bool("compile", d.compile),
     )
 
 
-def load_params(path: str | Path) -> TrialParams:
-    """Read and validate a params file (an exported file's `study:` block is informational)."""
+def model_setting(c: Checker, key: str, options_key: str) -> tuple[str, dict[str, Any] | None]:
+    """`model` (a registry name or a reference) and its `model_options`, checked for form only (the
+    reference is imported by `check_training_model`, when a file is loaded)."""
+    from .models import MODELS, SHAPE_KWARGS, check_reference_syntax, is_reference
+
+    name = c.str(key, DEFAULT_MODEL)
+    if is_reference(name):
+        problem = check_reference_syntax(name)
+        if problem:
+            raise c.error(key, problem)
+    elif name not in MODELS:
+        raise c.error(key, f"unknown value {name!r} (valid: {', '.join(sorted(MODELS))}, or a reference "
+                           "package.module:callable or path/to/file.py:callable)")
+    options = c.raw(options_key)
+    if options is None:
+        return name, None
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise c.error(options_key, f"must be a mapping of keyword arguments, got {options!r}")
+    if not is_reference(name):
+        raise c.error(options_key, f"applies to a model reference (package.module:callable), not to {name!r}")
+    for k in options:
+        if k in SHAPE_KWARGS:
+            raise c.error(f"{options_key}.{k}", "is set from the dataset")
+    return name, dict(options) or None
+
+
+def _augment(c: Checker) -> bool | Augment:
+    raw = c.raw("augment", True)
+    if isinstance(raw, bool):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise c.error("augment", f"must be true, false or a mapping {{crop_padding, flip}}, got {raw!r}")
+    sub = Checker(raw, file=c.file, prefix=c.key("augment"), allowed=("crop_padding", "flip"))
+    aug = Augment(crop_padding=sub.int("crop_padding", None, ge=0, optional=True), flip=sub.bool("flip", True))
+    return True if aug == Augment() else aug
+
+
+def check_training_model(t: TrainingParams, *, file: str | None, key: str = "training.model",
+                         data_dir: str | Path | None = None) -> None:
+    """Import a model reference, build it on the CPU and run one dummy batch of the dataset's shape
+    through it (`ConfigError` naming `file` and `key`, exit 2). Registry names are not checked here."""
+    from .models import is_reference
+
+    if not is_reference(t.model):
+        return
+    from .data import describe  # torch: only for a reference, which needs it anyway
+
+    shape = describe(t.dataset, data_dir=data_dir, image_size=t.image_size)
+    from .models import check_model
+
+    check_model(t.model, t.model_options, num_classes=shape.num_classes, in_channels=shape.channels,
+                image_size=shape.image_size, file=file, key=key)
+
+
+def load_params(path: str | Path, *, check_model: bool = True) -> TrialParams:
+    """Read and validate a params file (an exported file's `study:` block is informational). A model
+    reference is imported and tried on one dummy batch unless `check_model` is false."""
     data, name = read_yaml(path)
-    return parse_params(data, file=name)
+    params = parse_params(data, file=name)
+    if check_model:
+        check_training_model(params.training, file=name)
+    return params
 
 
 def dump_params(params: TrialParams, extra: Mapping[str, Any] | None = None) -> str:

@@ -19,7 +19,7 @@ import pickle
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -191,18 +191,24 @@ def retain_cpu_memory() -> bool:
 COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend; tests count graphs with "eager" (no C compiler)
 
 
-def initial_model(name: str, num_classes: int, device: torch.device, settings: DeviceSettings) -> torch.nn.Module:
+def initial_model(name: str, num_classes: int, device: torch.device, settings: DeviceSettings, *,
+                  options: Mapping[str, Any] | None = None, in_channels: int = 3,
+                  image_size: int | tuple[int, int] = 32) -> torch.nn.Module:
     """A freshly initialised model from the current global seed: built on the CPU with the model's
     own initialisation (torchvision's for resnet18), then moved. So a seed gives the same weights
-    on every device, in every trial of a worker, and in `tuner train` and `tuner verify`."""
-    model = build_model(name, num_classes).to(device)
+    on every device, in every trial of a worker, and in `tuner train` and `tuner verify`. `name` is a
+    registry name or a model reference (called with `options` and the shape keywords it accepts)."""
+    model = build_model(name, num_classes, options=options, in_channels=in_channels,
+                        image_size=image_size).to(device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def _compiled_key(name: str, data: DeviceData, device: torch.device) -> tuple[str, int, str]:
-    return name, data.num_classes, str(device)
+def _compiled_key(name: str, data: DeviceData, device: torch.device,
+                  options: Mapping[str, Any] | None = None) -> tuple[str, int, str]:
+    shape = f"{data.in_channels}x{data.image_size}"
+    return f"{name}{sorted(options.items()) if options else ''}@{shape}", data.num_classes, str(device)
 
 
 def _model_for(params: TrialParams, data: DeviceData, device: torch.device,
@@ -213,11 +219,12 @@ def _model_for(params: TrialParams, data: DeviceData, device: torch.device,
     fresh build's weights and buffers into it (`load_state_dict` copies in place: the compiled
     graph, its guards and channels_last stay as they are), so torch.compile does not recompile.
     """
-    name = params.training.model
-    fresh = initial_model(name, data.num_classes, device, settings)
+    name, options = params.training.model, params.training.model_options
+    fresh = initial_model(name, data.num_classes, device, settings, options=options,
+                          in_channels=data.in_channels, image_size=data.image_size)
     if not settings.compile:
         return fresh, fresh
-    key = _compiled_key(name, data, device)
+    key = _compiled_key(name, data, device, options)
     if key in _COMPILED:
         model, fn = _COMPILED[key]
         model.load_state_dict(fresh.state_dict())
@@ -280,7 +287,7 @@ def train(params: TrialParams, data: DeviceData, *,
                       on_step=on_step)
     except Exception:
         if settings.compile:  # a compile that failed (no C compiler, ...) must not stay cached
-            _COMPILED.pop(_compiled_key(t.model, data, device), None)
+            _COMPILED.pop(_compiled_key(t.model, data, device, t.model_options), None)
         raise
 
 

@@ -149,7 +149,8 @@ def run_verify(storage: optuna.storages.BaseStorage, name: str, *, top: int = 3,
             key = (params.training.dataset, params.training.val_fraction)
             if key not in cache:
                 cache[key] = load_dataset(params.training.dataset, dev, data_dir=data_dir,
-                                          val_fraction=params.training.val_fraction)
+                                          val_fraction=params.training.val_fraction,
+                                          image_size=params.training.image_size)
             result = train(params, cache[key], evaluate_test=True)
             diverged = result.outcome == "diverged"
             value = 0.0 if diverged or result.val_accuracy is None else float(result.val_accuracy)

@@ -160,8 +160,13 @@ class Worker:
         self.retry = Retry(self.url.shown, self.opts.retry_seconds)
         self.gate = Gate(self.url, self.study_id)
         t = self.config.training
+        from .models import is_reference, resolve_reference
+
+        if is_reference(t.model):  # imported the same way as when the file was loaded; failing here: exit 1
+            resolve_reference(t.model)
         device = resolve_device(self.opts.device)
-        data = load_dataset(t.dataset, device, data_dir=self.opts.data_dir, val_fraction=t.val_fraction)
+        data = load_dataset(t.dataset, device, data_dir=self.opts.data_dir, val_fraction=t.val_fraction,
+                            image_size=t.image_size)
         offset = self.opts.worker_index if self.opts.worker_index is not None else \
             random.SystemRandom().randrange(1, 2**20)
         with warnings.catch_warnings():

@@ -12,9 +12,10 @@ from rich.console import Console
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 DatasetOpt = Annotated[str | None, typer.Option(
-    "--dataset", help="cifar10, synthetic, synthetic:N, or a path to an .npz file. Overrides the file.")]
+    "--dataset", help="cifar10, cifar100, synthetic, synthetic:N, imagefolder:PATH, or a path to an .npz file. "
+                      "Overrides the file.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Where cifar10 is downloaded [env TUNER_DATA_DIR; default ~/.cache/tuner/data].",
+    "--data-dir", help="Where cifar10 and cifar100 are downloaded [env TUNER_DATA_DIR; default ~/.cache/tuner/data].",
     envvar="TUNER_DATA_DIR")]
 StorageOpt = Annotated[str | None, typer.Option(
     "--storage", help="SQLAlchemy URL of the study database [env TUNER_STORAGE; default sqlite:///tuner.db].",

@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import keys, settings
 from ..artifacts import check_keep
-from ..config import load_study_file
+from ..config import check_study_model, load_study_file
 from ..errors import ConfigError
 from . import app
 from .common import (
@@ -217,9 +217,10 @@ def sweep_command(
     if create_only:
         # (--data-dir and --checkpoint-every also come from the environment, so they are not refused)
         _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto")
-    config = load_study_file(study_file)
+    config = load_study_file(study_file, check_model=False)
     if dataset:
         config = replace(config, training=replace(config.training, dataset=dataset))
+    check_study_model(config, data_dir=settings.data_dir(data_dir))  # a model reference, on the data's shape
     if study_name:
         config = replace(config, name=study_name)
     env = settings.Settings.resolve(storage, config.storage)

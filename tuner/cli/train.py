@@ -38,14 +38,17 @@ def train_command(
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
         check_override(name, value)
     check_override("--seed", seed, ge=0)
-    params = load_params(params_file).with_training(dataset=dataset, epochs=epochs, batch_size=batch_size,
-                                                    seed=seed)
+    params = load_params(params_file, check_model=False).with_training(dataset=dataset, epochs=epochs,
+                                                                       batch_size=batch_size, seed=seed)
+    from ..params import check_training_model
+
+    check_training_model(params.training, file=str(params_file), data_dir=data_dir)  # a model reference
     from ..data import load_dataset  # torch: only once the params file is known to be good
     from ..train import load_checkpoint, resolve_device, train
 
     dev = resolve_device(device)
     data = load_dataset(params.training.dataset, dev, data_dir=data_dir,
-                        val_fraction=params.training.val_fraction)
+                        val_fraction=params.training.val_fraction, image_size=params.training.image_size)
     resume = None
     if checkpoint is not None and checkpoint.exists():
         load_checkpoint(checkpoint, params)  # fails early, with one line, if it is corrupt or foreign
