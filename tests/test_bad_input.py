@@ -154,6 +154,8 @@ CASES = [
          files={"bad.yaml": study(model="resnet9000")}),
     Case("study-heartbeat-grace", ["sweep", "bad.yaml"], 2, ["heartbeat.grace_period"],
          files={"bad.yaml": study(heartbeat={"interval": 10, "grace_period": 5})}),
+    Case("study-schedule-aware-not-bool", ["sweep", "bad.yaml"], 2, ["bad.yaml", "pruner.schedule_aware", "true or false"],
+         files={"bad.yaml": study(pruner={"name": "median", "schedule_aware": "yes"})}),
     Case("study-changed-space", ["sweep", "bad.yaml"], 2, ["already exists", "space"],
          files={"bad.yaml": study(space={"lr": {"low": 1.0e-4, "high": 1.0e-1, "log": True}})}),
     # params files
@@ -183,6 +185,12 @@ CASES = [
     Case("db-retry-bound", ["studies"], 2, ["TUNER_DB_RETRY_SECONDS"], env={"TUNER_DB_RETRY_SECONDS": "-5"}),
     # flags
     Case("sweep-n-trials", ["sweep", "good-study.yaml", "--n-trials", "0"], 2, ["--n-trials", ">= 1"]),
+    Case("sweep-warm-start-missing", ["sweep", "good-study.yaml", "--warm-start", "nope"], 2,
+         ["--warm-start", "'nope' not found"]),
+    Case("sweep-warm-start-other-storage-missing", ["sweep", "good-study.yaml", "--warm-start", "sqlite:///gone.db#base"],
+         2, ["--warm-start", "'base' not found"]),
+    Case("sweep-warm-top", ["sweep", "good-study.yaml", "--warm-start", "base", "--warm-top", "0"], 2,
+         ["--warm-top", ">= 1"]),
     Case("sweep-keep-policy", ["sweep", "good-study.yaml", "--keep-checkpoints", "all"], 2, ["--keep-checkpoints", "all"]),
     Case("create-only-workers", ["sweep", "good-study.yaml", "--create-only", "--workers", "2"], 2,
          ["--workers", "tuner worker"]),

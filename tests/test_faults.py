@@ -189,7 +189,9 @@ def test_kill9_mid_trial_then_the_retry_resumes_from_its_checkpoint(tmp_path, pg
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == killed.number
     assert retry.state == TrialState.COMPLETE
     assert retry.params == killed.params
-    assert retry.user_attrs["resumed_from_epoch"] == saved_epoch >= 1
+    # the file is written before its attr: a kill between the two leaves the attr one epoch behind
+    # the file, and the retry resumes from the file (a whole, consistent state)
+    assert retry.user_attrs["resumed_from_epoch"] in (saved_epoch, saved_epoch + 1) and saved_epoch >= 1
     assert retry.user_attrs["resumed_from_trial"] == killed.number
     assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))  # the whole curve
     assert [h["epoch"] for h in retry.user_attrs["history"]] == list(range(1, epochs + 1))

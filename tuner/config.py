@@ -11,7 +11,7 @@
     n_trials: 16                   # counts all trials of the study, across workers
     timeout: null                  # seconds, per sweep run
     sampler: {name: tpe}           # or just `sampler: tpe`; `options:` pass through to Optuna
-    pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}
+    pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}  # schedule_aware: true
     storage: null                  # optional SQLAlchemy URL
     heartbeat: {interval: 60}      # optional: interval, grace_period, max_retry
     training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile, image_size
@@ -48,6 +48,14 @@ class Component:
 
 
 @dataclass(frozen=True)
+class Pruner(Component):
+    """The pruner, and whether it waits for each trial's lr warm-up: with `schedule_aware` (the
+    default) a trial is not judged at an epoch that ends inside its own warm-up (one-cycle: its rise)."""
+
+    schedule_aware: bool = True
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     interval: int = 60  # seconds between a running trial's heartbeats
     grace_period: int | None = None  # seconds without a heartbeat before a trial is stale (2 × interval)
@@ -61,7 +69,7 @@ class StudyConfig:
     training: TrainingParams  # the budget: dataset, model, epochs, batch size, seed
     direction: str = "maximize"
     sampler: Component = field(default_factory=lambda: Component("tpe"))
-    pruner: Component = field(default_factory=lambda: Component("median"))
+    pruner: Pruner = field(default_factory=lambda: Pruner("median"))
     n_trials: int | None = 20
     timeout: float | None = None
     storage: str | None = None
@@ -120,7 +128,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         training=training,
         space=parse_space(c.raw("space"), file=file),
         sampler=_component(c, "sampler", "tpe", SAMPLERS),
-        pruner=_component(c, "pruner", "median", PRUNERS),
+        pruner=_pruner(c, PRUNERS),
         n_trials=n_trials,
         timeout=timeout,
         storage=c.str("storage", None, optional=True),
@@ -129,11 +137,22 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     )
 
 
-def _component(c: Checker, key: str, default: str, registry: dict[str, Any]) -> Component:
+def _pruner(c: Checker, registry: dict[str, Any]) -> Pruner:
+    raw = c.raw("pruner", "median")
+    base = _component(c, "pruner", "median", registry, extra=("schedule_aware",))
+    aware = True
+    if isinstance(raw, dict):
+        aware = Checker(raw, file=c.file, prefix="pruner", allowed=("name", "options", "schedule_aware")).bool(
+            "schedule_aware", True)
+    return Pruner(name=base.name, options=base.options, schedule_aware=aware)
+
+
+def _component(c: Checker, key: str, default: str, registry: dict[str, Any],
+               extra: tuple[str, ...] = ()) -> Component:
     raw = c.raw(key, default)
     if isinstance(raw, str):
         raw = {"name": raw}
-    sub = Checker(raw, file=c.file, prefix=key, allowed=("name", "options"))
+    sub = Checker(raw, file=c.file, prefix=key, allowed=("name", "options", *extra))
     name = sub.str("name", default, choices=sorted(registry))
     options = sub.raw("options") or {}
     if not isinstance(options, dict):

@@ -8,10 +8,13 @@ Study user attrs
     `tuner_n_trials`     the trial budget every worker follows
     `tuner_checkpoints`  {"keep": "none" | "best"}: the checkpoint policy
     `tuner_verify:N:S`   one `tuner verify` record: trial N retrained with seed S
+    `tuner_warm_start`   the warm start done when the study was created (sources, queued configs)
 
 Trial user attrs (what `tuner` writes about each trial)
     `params` `env` `history` `seconds` `epochs` `diverged` `diverged_at` `error`
     `checkpoint` `resumed_from_epoch` `resumed_from_trial` `interrupted` `void`
+    `pruning_held_until_epoch` (the first epoch the pruner may judge, past the lr warm-up)
+    `warm_start_study` `warm_start_trial` (a config queued by --warm-start, and where it came from)
 
 Trial system attrs (Optuna's retry convention, shared with `RetryFailedTrialCallback`)
     `failed_trial` `retry_history`; tuner adds `tuner_interrupted` (predecessors stopped by a signal)
@@ -31,6 +34,7 @@ N_TRIALS = "tuner_n_trials"
 CHECKPOINTS = "tuner_checkpoints"
 VERIFY_PREFIX = "tuner_verify:"  # + f"{trial}:{seed}"
 VERIFY_LEGACY = "tuner_verify"  # one dict of all records (before per-record keys); still read
+WARM_STARTED = "tuner_warm_start"  # {"sources": [...], "queued": [[study, trial], ...]}: warm-started once
 
 
 # -- trial user attrs --------------------------------------------------------------------------
@@ -47,6 +51,9 @@ RESUMED = "resumed_from_epoch"
 RESUMED_TRIAL = "resumed_from_trial"
 INTERRUPTED = "interrupted"  # stopped by a signal and queued to resume
 VOID = "void"  # created past the budget after a lost gate; does not count (see worker.py)
+WARM_START_STUDY = "warm_start_study"  # a warm-start trial: the source study (name, or shown URL#name)
+WARM_START_TRIAL = "warm_start_trial"  # idem: the source trial's number
+PRUNE_HELD_UNTIL = "pruning_held_until_epoch"  # schedule-aware pruning: first epoch the pruner judges
 
 # -- trial system attrs ------------------------------------------------------------------------
 FAILED_TRIAL = "failed_trial"  # Optuna's RetryFailedTrialCallback convention
@@ -56,7 +63,7 @@ QUEUED = "tuner_queued"  # written with the WAITING trial, in the transaction th
 
 # user attrs a retry copy must not inherit from the trial it replaces
 NOT_INHERITED = (CHECKPOINT, RESUMED, RESUMED_TRIAL, ERROR, SECONDS, HISTORY, EPOCHS, INTERRUPTED,
-                 DIVERGED, DIVERGED_AT, VOID)
+                 DIVERGED, DIVERGED_AT, VOID, PRUNE_HELD_UNTIL)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 

@@ -98,6 +98,7 @@ class Objective:
         saved: dict[str, Any] = {"at": time.monotonic(), "epoch": -1, "id": None}
         stop = self.policy.stop
         nop = isinstance(trial.study.pruner, optuna.pruners.NopPruner)
+        judged_from = 1  # set in the try below (reading the data can fail like training does)
 
         def when(record: Any) -> bool:
             if self.store is None or not self.policy.due(record.epoch, total, saved["at"]):
@@ -114,7 +115,8 @@ class Objective:
                                                                     "epoch": record.epoch}))
             retry(lambda: trial.report(record.val_accuracy, record.epoch))
             # should_prune re-reads the whole trial from the storage; NopPruner's answer is always no
-            prune = not nop and bool(retry(trial.should_prune))
+            # (not while the trial's own lr still warms up: schedule-aware pruning)
+            prune = not nop and record.epoch >= judged_from and bool(retry(trial.should_prune))
             # a signal stops the trial at the first epoch boundary that has its checkpoint (one that
             # came after `when` decided for this epoch waits for the next)
             if (not prune and stop is not None and stop.stop_requested and record.epoch < total
@@ -123,6 +125,9 @@ class Objective:
             return prune
 
         try:
+            judged_from = self._judged_from(params)
+            if judged_from > 1 and not nop:
+                retry(lambda: trial.set_user_attr(keys.PRUNE_HELD_UNTIL, judged_from))
             result = train(params, self.data, on_epoch=on_epoch,
                            checkpoint_path=local if self.store is not None else None, checkpoint_when=when,
                            resume_from=resume_file[0] if resume_file is not None else None)
@@ -157,6 +162,19 @@ class Objective:
             # must still find the last checkpoint (a dangling attr on a finished trial costs a `stat`).
             outcome.checkpoint = saved["id"]
         return outcome
+
+    def _judged_from(self, params: Any) -> int:
+        """The first epoch the pruner is asked about: 1, or with schedule-aware pruning the first
+        epoch that ends past the trial's lr warm-up (`optim.first_judged_epoch`)."""
+        if not self.config.pruner.schedule_aware:
+            return 1
+        from .optim import first_judged_epoch
+        from .train import _steps_per_epoch, device_settings
+
+        t = params.training
+        drop_last = device_settings(self.data.device, t.precision, t.compile).static_shapes  # as train() does
+        return first_judged_epoch(params.schedule, t.epochs, _steps_per_epoch(len(self.data.y_train), t.batch_size,
+                                                                              drop_last))
 
     def _download(self, number: int, resume: tuple[int, dict[str, Any]] | None,
                   params: Any) -> tuple[Path, dict[str, Any]] | None:

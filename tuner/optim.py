@@ -65,6 +65,16 @@ class LRSchedule:
         return lr
 
 
+def first_judged_epoch(sched: ScheduleParams, epochs: int, steps_per_epoch: int) -> int:
+    """The first epoch (1-based) whose end is past the lr warm-up (one-cycle: its rise), the
+    arithmetic of `LRSchedule`: warm-up steps w = round(rise × epochs × steps_per_epoch); epoch e
+    ends at step index e × steps_per_epoch − 1, and is past the warm-up when that is >= w. 1 for a
+    schedule without warm-up; epochs + 1 when no epoch ends past it (then no epoch is judged)."""
+    per_epoch = max(1, steps_per_epoch)
+    warmup = LRSchedule(sched, epochs * per_epoch, per_epoch).warmup
+    return max(1, math.ceil((warmup + 1) / per_epoch))
+
+
 def grad_norm(params: list[torch.nn.Parameter], norm_type: float = 2.0) -> torch.Tensor:
     """The global gradient norm over `params`, as a 0-d tensor on their device (no sync)."""
     grads = [p.grad for p in params if p.grad is not None]

@@ -31,9 +31,10 @@ from .errors import ConfigError, TunerError
 from .faults import Interrupted
 from .settings import child_env, visible_gpus_env
 from .storage import Retry, StorageURL, open_storage, require_study
+from .warmstart import WarmStart
 from .worker import WorkerOptions, run_worker
 
-__all__ = ["Launch", "SweepResult", "WorkerOptions", "assign_gpus", "parse_nvidia_smi", "parse_visible",
+__all__ = ["Launch", "SweepResult", "WarmStart", "WorkerOptions", "assign_gpus", "parse_nvidia_smi", "parse_visible",
            "plan_workers", "prepare_study", "run_sweep", "run_worker", "run_worker_processes", "stored_config",
            "summarize", "visible_gpus", "worker_gpus", "worker_processes"]
 
@@ -43,15 +44,24 @@ __all__ = ["Launch", "SweepResult", "WorkerOptions", "assign_gpus", "parse_nvidi
 # ---------------------------------------------------------------------------------------------
 
 def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | None, *,
-                  keep_checkpoints: str | None = None) -> Any:
+                  keep_checkpoints: str | None = None, warm_start: WarmStart | None = None) -> Any:
     """Create the study (storing its config) or check that a continued one has the same space,
     direction and budget, then store the file's config and the trial budget workers follow.
 
     The budget: `n_trials` when given; else, for a continued study, the larger of the stored
     budget and the file's (a budget raised with --n-trials is not lowered by a plain re-run).
     A study that exists with no tuner config, no trials and no attrs (a `tuner sweep` killed
-    between creating it and writing its config) is adopted."""
+    between creating it and writing its config) is adopted.
+
+    `warm_start`: the source studies are read first (a missing one: ConfigError, nothing written);
+    their top configs are queued as the first trials of a study that has no trial yet and was never
+    warm-started (warmstart.py); a continued study is not warm-started again."""
     target = StorageURL.parse(url)
+    picks = None
+    if warm_start is not None:
+        from .warmstart import load_sources
+
+        picks = load_sources(warm_start, target)  # read-only, before anything is written
     storage = open_storage(target)
     try:
         sid: int | None = storage.get_study_id_from_name(config.name)
@@ -91,7 +101,21 @@ def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | No
     storage.set_study_user_attr(sid, keys.N_TRIALS, budget)
     if keep_checkpoints is not None:
         storage.set_study_user_attr(sid, keys.CHECKPOINTS, {"keep": keep_checkpoints})
+    if warm_start is not None and picks is not None:
+        _warm_start(storage, sid, config, budget, warm_start, picks)
     return storage
+
+
+def _warm_start(storage: Any, sid: int, config: StudyConfig, budget: int | None, ws: WarmStart,
+                picks: list[Any]) -> None:
+    from .warmstart import enqueue
+
+    say = ws.say or (lambda _line: None)
+    if keys.WARM_STARTED in storage.get_study_user_attrs(sid) or storage.get_all_trials(sid, deepcopy=False):
+        say(f"warm start skipped: study {config.name!r} already has trials (a study is warm-started once, "
+            "before its first trial)")
+        return
+    enqueue(storage, sid, picks, config.space, budget, ws.labels, say)
 
 
 def stored_config(storage: Any, name: str) -> StudyConfig:
@@ -119,7 +143,8 @@ def run_sweep(config: StudyConfig, *, storage: str | StorageURL | None = None, s
               opts: WorkerOptions | None = None,
               on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
               on_poll: Callable[[list[FrozenTrial]], None] | None = None,
-              on_start: Callable[[list[FrozenTrial], int | None], None] | None = None) -> SweepResult:
+              on_start: Callable[[list[FrozenTrial], int | None], None] | None = None,
+              warm_start: WarmStart | None = None) -> SweepResult:
     """Run a sweep: in this process with one worker, or as `workers` local processes.
     `storage` is the resolved URL (settings.storage_url); None means the study file's, else the
     default. `on_start(trials, budget)` sees the study's trials and trial budget before any worker
@@ -134,7 +159,7 @@ def run_sweep(config: StudyConfig, *, storage: str | StorageURL | None = None, s
     opts = replace(opts, timeout=timeout if timeout is not None else config.timeout,
                    artifact_dir=str(artifact_dir(opts.artifact_dir, url, env={})))
     started = time.time()
-    rdb = prepare_study(config, url, n_trials, keep_checkpoints=opts.keep_checkpoints)
+    rdb = prepare_study(config, url, n_trials, keep_checkpoints=opts.keep_checkpoints, warm_start=warm_start)
     sid = require_study(rdb, config.name)
     before = rdb.get_all_trials(sid, deepcopy=False)
     if on_start is not None:

@@ -195,6 +195,12 @@ def sweep_command(
     artifact_dir: ArtifactDirOpt = None,
     keep_checkpoints: KeepOpt = None,
     checkpoint_every: EveryOpt = None,
+    warm_start: Annotated[str | None, typer.Option(
+        "--warm-start", metavar="STUDY[,STUDY...]",
+        help="Queue the best configs of earlier studies (in this storage, or URL#STUDY in another) as a new "
+             "study's first trials, mapped into its space.")] = None,
+    warm_top: Annotated[int, typer.Option(
+        "--warm-top", metavar="K", help="With --warm-start: the top K COMPLETE trials of each source.")] = 5,
     create_only: Annotated[bool, typer.Option(
         "--create-only",
         help="Create (or update) the study and its budget, run nothing: start `tuner worker`s.")] = False,
@@ -212,6 +218,13 @@ def sweep_command(
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"must be > 0, got {timeout}", key="--timeout")
+    from ..warmstart import WarmStart, check_top, parse_sources
+
+    check_top(warm_top)
+    warm = None
+    if warm_start is not None:
+        parse_sources(warm_start)  # the syntax, before anything is read
+        warm = WarmStart([warm_start], warm_top, say=say)
     check_keep(keep_checkpoints)
     every = settings.checkpoint_every(checkpoint_every)
     if create_only:
@@ -235,7 +248,7 @@ def sweep_command(
             config = replace(config, heartbeat=replace(hb, interval=heartbeat_interval, grace_period=grace))
         from ..sweep import prepare_study
 
-        rdb = prepare_study(config, env.storage, n_trials, keep_checkpoints=keep_checkpoints)
+        rdb = prepare_study(config, env.storage, n_trials, keep_checkpoints=keep_checkpoints, warm_start=warm)
         total = rdb.get_study_user_attrs(rdb.get_study_id_from_name(name)).get(keys.N_TRIALS)
         say(f"study {name} ready in {env.storage.shown}: {total or 'unlimited'} trials of {config.training.model} on "
             f"{config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
@@ -261,7 +274,7 @@ def sweep_command(
     with SweepProgress(None) as progress:
         result = run_sweep(config, storage=env.storage, n_trials=n_trials, timeout=timeout, workers=workers,
                            opts=opts, on_trial=progress.trial, on_poll=progress.poll,
-                           on_start=progress.begin)
+                           on_start=progress.begin, warm_start=warm)
     print_summary(result)
 
 
