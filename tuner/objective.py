@@ -169,12 +169,9 @@ class Objective:
         if not self.config.pruner.schedule_aware:
             return 1
         from .optim import first_judged_epoch
-        from .train import _steps_per_epoch, device_settings
+        from .train import epoch_steps
 
-        t = params.training
-        drop_last = device_settings(self.data.device, t.precision, t.compile).static_shapes  # as train() does
-        return first_judged_epoch(params.schedule, t.epochs, _steps_per_epoch(len(self.data.y_train), t.batch_size,
-                                                                              drop_last))
+        return first_judged_epoch(params.schedule, params.training.epochs, epoch_steps(params, self.data))
 
     def _download(self, number: int, resume: tuple[int, dict[str, Any]] | None,
                   params: Any) -> tuple[Path, dict[str, Any]] | None:

@@ -302,7 +302,7 @@ def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Ca
     gen = torch.Generator(device=device).manual_seed(t.seed)
 
     drop_last = settings.static_shapes
-    steps_per_epoch = _steps_per_epoch(len(data.y_train), t.batch_size, drop_last)
+    steps_per_epoch = epoch_steps(params, data, settings)
     schedule = LRSchedule(params.schedule, t.epochs * steps_per_epoch, steps_per_epoch)
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
@@ -385,6 +385,14 @@ def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Ca
     # the caller's own copy: a compiled module is shared with the worker's next trial
     result.model = copy.deepcopy(model) if settings.compile else model
     return result
+
+
+def epoch_steps(params: TrialParams, data: DeviceData, settings: DeviceSettings | None = None) -> int:
+    """Optimizer steps per epoch of `train(params, data)`: with static shapes (compile on CUDA)
+    the partial batch is dropped. The schedule and schedule-aware pruning both count with it."""
+    t = params.training
+    settings = settings or device_settings(data.device, t.precision, t.compile)
+    return _steps_per_epoch(len(data.y_train), t.batch_size, settings.static_shapes)
 
 
 def _steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
