@@ -15,6 +15,8 @@
     storage: null                  # optional SQLAlchemy URL
     heartbeat: {interval: 60}      # optional: interval, grace_period, max_retry
     training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile, image_size
+    stages:                        # optional: search a few knobs at a time, in order (stages.py)
+      - {name: lr, knobs: [lr], trials: 8}
     space:                         # each knob: a fixed value, {low, high, log}, or {choices: [...]}
       lr: {low: 1.0e-4, high: 1.0e-1, log: true}
       one_minus_beta1: {low: 1.0e-3, high: 0.5, log: true}
@@ -34,6 +36,7 @@ from typing import Any
 from .errors import ConfigError
 from .params import TrainingParams
 from .space import SearchSpace, parse_space
+from .stages import Stage, parse_stages
 from .validate import Checker, read_yaml
 
 DIRECTIONS = ("maximize",)  # the objective is validation accuracy
@@ -75,6 +78,7 @@ class StudyConfig:
     storage: str | None = None
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     source: str | None = None  # the file it came from, for messages
+    stages: tuple[Stage, ...] = ()  # `stages:` (stages.py); n_trials is their sum
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as stored in the study. It never holds the storage URL."""
@@ -86,17 +90,18 @@ class StudyConfig:
             "training": t, "n_trials": self.n_trials, "timeout": self.timeout,
             "sampler": asdict(self.sampler), "pruner": asdict(self.pruner),
             "heartbeat": asdict(self.heartbeat), "space": self.space.to_dict(),
+            **({"stages": [s.to_dict() for s in self.stages]} if self.stages else {}),
         }
 
     def fingerprint(self) -> dict[str, Any]:
-        """What may not change when a study is continued: space, direction and budget."""
+        """What may not change when a study is continued: space, stages, direction and budget."""
         d = self.to_dict()
         out = {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
-        return {**out, "model_options": d.get("model_options")}
+        return {**out, "model_options": d.get("model_options"), "stages": d.get("stages")}
 
 
 TOP_KEYS = ("name", "direction", "dataset", "model", "model_options", "epochs", "batch_size", "seed", "n_trials",
-            "timeout", "sampler", "pruner", "storage", "heartbeat", "training", "space")
+            "timeout", "sampler", "pruner", "storage", "heartbeat", "training", "space", "stages")
 
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
@@ -110,7 +115,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         raise c.error("space", "is required (the search space: at least one knob)")
     n_trials = c.int("n_trials", 20, ge=1, optional=True)
     timeout = c.float("timeout", None, gt=0.0, optional=True)
-    if n_trials is None and timeout is None:
+    if n_trials is None and timeout is None and c.raw("stages") is None:
         raise c.error("n_trials", "set n_trials, timeout, or both")
     extra = Checker(c.raw("training"), file=file, prefix="training",
                     allowed=("val_fraction", "augment", "precision", "compile", "image_size"))
@@ -122,11 +127,21 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         "batch_size": c.int("batch_size", 512, ge=1), "dataset": c.str("dataset", "cifar10"),
         "seed": c.int("seed", 0, ge=0), **extra.data,
     }, file)
+    space = parse_space(c.raw("space"), file=file)
+    stages = parse_stages(c.raw("stages"), space, file=file)
+    if stages:
+        total = sum(s.trials for s in stages)
+        if c.has("n_trials") and n_trials != total:
+            given = "null" if n_trials is None else n_trials
+            raise c.error("n_trials", f"is {given}, but the stages add up to {total} trials "
+                                      f"({' + '.join(str(s.trials) for s in stages)}): leave n_trials out, or set it "
+                                      f"to {total}")
+        n_trials = total
     return StudyConfig(
         name=c.str("name", None),
         direction=c.str("direction", "maximize", choices=DIRECTIONS),
         training=training,
-        space=parse_space(c.raw("space"), file=file),
+        space=space,
         sampler=_component(c, "sampler", "tpe", SAMPLERS),
         pruner=_pruner(c, PRUNERS),
         n_trials=n_trials,
@@ -134,6 +149,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         storage=c.str("storage", None, optional=True),
         heartbeat=_heartbeat(c.raw("heartbeat"), file),
         source=file,
+        stages=stages,
     )
 
 

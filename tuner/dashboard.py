@@ -106,11 +106,12 @@ def stored_graph(system_attrs: dict[str, Any], graph_id: str) -> str:
     return "".join(str(chunks[i]) for i in sorted(chunks))
 
 
-def publish(storage: Any, study_name: str) -> None:
+def publish(storage: Any, study_name: str, trials: list[Any] | None = None) -> None:
     """Name the metric, write the study note and register tuner's graphs for optuna-dashboard.
 
     `storage`: an `optuna.storages.BaseStorage`. Safe to call as often as wanted (each sweep's end,
-    each dashboard start): nothing is duplicated, and what is already stored as is is not rewritten."""
+    each dashboard start): nothing is duplicated, and what is already stored as is is not rewritten.
+    `trials`: the study's trials when the caller has just read them (a sweep's summary), else read here."""
     import optuna
     from optuna_dashboard import get_note, save_note, save_plotly_graph_object
 
@@ -125,7 +126,9 @@ def publish(storage: Any, study_name: str) -> None:
             study.set_metric_names([METRIC])
 
     direction = "minimize" if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else "maximize"
-    data = study_data_from_trials(study_name, study.get_trials(deepcopy=False), config=config, direction=direction)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    data = study_data_from_trials(study_name, trials, config=config, direction=direction)
 
     stored = get_note(study)
     note = merged_note(note_text(data), stored)

@@ -15,10 +15,13 @@ Trial user attrs (what `tuner` writes about each trial)
     `checkpoint` `resumed_from_epoch` `resumed_from_trial` `interrupted` `void`
     `pruning_held_until_epoch` (the first epoch the pruner may judge, past the lr warm-up)
     `warm_start_study` `warm_start_trial` (a config queued by --warm-start, and where it came from)
+    `stage` `stage_index` `stage_fixed` (a staged study's trial: its stage, and the values the stage
+    fixed for the knobs it does not search; see stages.py)
 
 Trial system attrs (Optuna's retry convention, shared with `RetryFailedTrialCallback`)
     `failed_trial` `retry_history`; tuner adds `tuner_interrupted` (predecessors stopped by a signal)
-    and `tuner_queued` (a token on every trial a tuner worker queued: fresh ones and retry copies)
+    and `tuner_queued` (a token on every trial a tuner worker queued: fresh ones and retry copies);
+    a staged trial also carries Optuna's `fixed_params` (what `study.enqueue_trial` writes)
 """
 
 from __future__ import annotations
@@ -54,12 +57,16 @@ VOID = "void"  # created past the budget after a lost gate; does not count (see 
 WARM_START_STUDY = "warm_start_study"  # a warm-start trial: the source study (name, or shown URL#name)
 WARM_START_TRIAL = "warm_start_trial"  # idem: the source trial's number
 PRUNE_HELD_UNTIL = "pruning_held_until_epoch"  # schedule-aware pruning: first epoch the pruner judges
+STAGE = "stage"  # a staged study's trial: the name of its stage (stages.py); retry copies keep it
+STAGE_INDEX = "stage_index"  # idem: the stage's position in `stages:`, from 0
+STAGE_FIXED = "stage_fixed"  # idem: {knob: value} the stage fixed (the knobs it does not search)
 
 # -- trial system attrs ------------------------------------------------------------------------
 FAILED_TRIAL = "failed_trial"  # Optuna's RetryFailedTrialCallback convention
 RETRY_HISTORY = "retry_history"  # idem
 INTERRUPTED_NUMBERS = "tuner_interrupted"
 QUEUED = "tuner_queued"  # written with the WAITING trial, in the transaction that creates it
+FIXED_PARAMS = "fixed_params"  # Optuna's enqueue_trial convention: `suggest` returns these values as they are
 
 # user attrs a retry copy must not inherit from the trial it replaces
 NOT_INHERITED = (CHECKPOINT, RESUMED, RESUMED_TRIAL, ERROR, SECONDS, HISTORY, EPOCHS, INTERRUPTED,
@@ -130,11 +137,17 @@ def retry_template(trial: FrozenTrial) -> FrozenTrial:
                         user_attrs=user, system_attrs=system)
 
 
-def fresh_template(token: str) -> FrozenTrial:
-    """A WAITING trial with nothing fixed, marked as queued by a tuner worker (`study.add_trial`)."""
+def fresh_template(token: str, user_attrs: dict[str, Any] | None = None,
+                   fixed_params: dict[str, Any] | None = None) -> FrozenTrial:
+    """A WAITING trial marked as queued by a tuner worker (`study.add_trial`). Nothing is fixed, unless
+    `fixed_params` (a staged trial: Optuna's enqueue convention, values `suggest` returns as they are)."""
     from optuna.trial import create_trial
 
-    return create_trial(state=TrialState.WAITING, params={}, distributions={}, system_attrs={QUEUED: token})
+    system: dict[str, Any] = {QUEUED: token}
+    if fixed_params:
+        system[FIXED_PARAMS] = dict(fixed_params)
+    return create_trial(state=TrialState.WAITING, params={}, distributions={}, user_attrs=dict(user_attrs or {}),
+                        system_attrs=system)
 
 
 # ---------------------------------------------------------------------------------------------

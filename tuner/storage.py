@@ -104,6 +104,9 @@ def display(url: str | StorageURL) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _ENGINES: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()  # of the storages opened here
+# URLs whose schema this process has checked once: Optuna's compatibility check (alembic's migration
+# scripts read from disk, ~20 ms) gives the same answer for every later open by the same Optuna
+_CHECKED: set[str] = set()
 
 
 def close_all() -> None:
@@ -128,6 +131,8 @@ def open_storage(url: str | StorageURL, *, must_exist: bool = False, heartbeat_i
     if heartbeat_interval:
         kwargs["heartbeat_interval"] = heartbeat_interval
         kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
+    if target.url in _CHECKED:
+        kwargs["skip_compatibility_check"] = True  # a public RDBStorage argument
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -137,6 +142,7 @@ def open_storage(url: str | StorageURL, *, must_exist: bool = False, heartbeat_i
                            "(pip install 'tuner[postgres]' for PostgreSQL)") from None
     except Exception as exc:  # noqa: BLE001 - OperationalError and friends: unreachable or refused
         raise StorageError(f"storage {target.shown} is unreachable: {reason(exc)}") from None
+    _CHECKED.add(target.url)
     if wal and target.sqlite_file is not None:
         sa.event.listen(storage.engine, "connect", _wal_pragmas)
         storage.engine.dispose()  # the connections that created the tables predate the listener

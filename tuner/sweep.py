@@ -55,7 +55,13 @@ def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | No
 
     `warm_start`: the source studies are read first (a missing one: ConfigError, nothing written);
     their top configs are queued as the first trials of a study that has no trial yet and was never
-    warm-started (warmstart.py); a continued study is not warm-started again."""
+    warm-started (warmstart.py); a continued study is not warm-started again.
+
+    A staged study (`stages:`) refuses `n_trials` other than its stages' sum and a warm start
+    (stages.check_flags), before anything is written."""
+    from .stages import check_flags
+
+    check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm_start)
     target = StorageURL.parse(url)
     picks = None
     if warm_start is not None:
@@ -173,18 +179,19 @@ def run_sweep(config: StudyConfig, *, storage: str | StorageURL | None = None, s
     else:
         ran = _run_processes(url, config.name, workers, replace(opts, worker_index=base), rdb, on_poll)
     retry = Retry(url.shown, opts.retry_seconds)
-    _publish(rdb, config.name)
-    return retry(lambda: summarize(rdb, config.name, url, time.time() - started, ran))
+    result = retry(lambda: summarize(rdb, config.name, url, time.time() - started, ran))
+    _publish(rdb, config.name, result.trials)  # the trials just read: not read again
+    return result
 
 
-def _publish(storage: Any, name: str) -> None:
+def _publish(storage: Any, name: str, trials: list[FrozenTrial] | None = None) -> None:
     """The dashboard's metric name, study note and tuner's panels (best effort)."""
     try:
         from .dashboard import publish
     except ImportError:
         return
     try:
-        publish(storage, name)
+        publish(storage, name, trials)
     except Exception as exc:  # noqa: BLE001 - the sweep is done; the dashboard extras are not essential
         print(f"warning: dashboard panels not written: {exc}", file=sys.stderr)
 
@@ -208,8 +215,9 @@ def run_worker_processes(url: str | StorageURL, name: str, workers: int, opts: W
         # machines running this command on one study do not all sample the same points.
         opts = replace(opts, worker_index=random.SystemRandom().randrange(1, 2**20))
     ran = _run_processes(target, name, workers, opts, rdb, on_poll)
-    _publish(rdb, name)
-    return retry(lambda: summarize(rdb, name, target, time.time() - started, ran))
+    result = retry(lambda: summarize(rdb, name, target, time.time() - started, ran))
+    _publish(rdb, name, result.trials)
+    return result
 
 
 def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions, rdb: Any,

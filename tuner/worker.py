@@ -28,6 +28,14 @@ again, so a lost commit reply never duplicates a trial. If the gate's own connec
 trial was being created (the lock may have been taken by another worker in between), the worker
 recounts and, should the study now be over budget, marks its new trial `void` and tells it FAIL.
 
+**Stages** (`stages:` in the study file, stages.py). A fresh trial is queued for the first stage
+that is not full, with that stage's name, index and fixed values, and only once no trial of an
+earlier stage is RUNNING or WAITING. Otherwise `lease` returns None, and the worker waits in
+`await_stragglers` (polling every min(heartbeat interval, 2 s); a crashed trial of the stage is
+failed there by the stale rule and its retry copy run first) until the stage's last trials have
+finished, then leases again: the next stage never starts on partial results. The trial is sampled
+with `PartialFixedSampler(fixed, base sampler)`.
+
 **A set of running trials.** The loop leases trials into a set that the heartbeat thread beats
 for; today one trial runs at a time, and the set is what trial packing will fill.
 """
@@ -57,6 +65,7 @@ from .config import StudyConfig, config_from_stored
 from .faults import GracefulStop, Interrupted, StopController
 from .gate import Gate
 from .registry import build_pruner, build_sampler
+from .stages import fixed_of, next_stage, over_quota
 from .storage import DEFAULT_RETRY_SECONDS, Retry, StorageURL, open_storage, require_study
 
 
@@ -123,6 +132,7 @@ class Lease:
     trial: optuna.Trial
     resume: tuple[int, dict[str, Any]] | None = None
     retried: bool = False
+    fixed: dict[str, Any] | None = None  # a staged trial: the values its stage fixes (stages.py)
 
 
 @dataclass
@@ -173,6 +183,7 @@ class Worker:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = build_sampler(self.config.sampler.name, self.config.sampler.options, t.seed + offset)
         pruner = build_pruner(self.config.pruner.name, self.config.pruner.options, t.epochs)
+        self.sampler = sampler  # the base sampler; a staged trial runs with PartialFixedSampler around it
         self.study = optuna.Study(study_name=self.study_name, storage=self.storage, sampler=sampler, pruner=pruner)
         self.token = uuid.uuid4().hex[:12]
         self.env = environment(device, worker=self.token)
@@ -230,10 +241,16 @@ class Worker:
         waiting = {t.number for t in trials if t.state == TrialState.WAITING}
         cap = self.budget()
         fresh = None
+        stage = None
         if not waiting:
             if cap is not None and keys.budget_used(trials) >= cap:
                 return None
-            fresh = self.storage.create_new_trial(self.study_id, keys.fresh_template(uuid.uuid4().hex))
+            if self.config.stages:
+                stage = next_stage(self.config.stages, self.config.space, trials)
+                if stage is None or stage.waiting_for:  # an earlier stage's last trials still run: wait
+                    return None
+            fresh = self.storage.create_new_trial(self.study_id, keys.fresh_template(
+                uuid.uuid4().hex, **({"user_attrs": stage.user_attrs(), "fixed_params": stage.fixed} if stage else {})))
         with warnings.catch_warnings():
             # ask-and-tell on a heartbeat storage: Optuna warns that heartbeats are meant for optimize
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
@@ -246,13 +263,15 @@ class Worker:
             # another process took our queued trial (plain Optuna's ask pops WAITING trials too), or
             # the gate's connection died while we created it: recount before training it
             self.gate.reacquire()
-            if cap is not None and keys.budget_used(self.trials()) > cap:
+            now = self.trials()
+            if (cap is not None and keys.budget_used(now) > cap) or \
+                    (self.config.stages and over_quota(self.config.stages, now, trial.number)):
                 self.retry(lambda: trial.set_user_attr(keys.VOID, True))
                 self.retry(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
                 self.heartbeat.remove(tid)
                 return None
         if tid == fresh:  # made from the fresh template just now: no lineage, nothing to resume
-            return Lease(trial, None, False)
+            return Lease(trial, None, False, fixed=stage.fixed if stage else None)
         by_number = {t.number: t for t in trials}
         frozen = by_number.get(trial.number)
         if frozen is None:  # queued after our read (by another worker's reconcile): read it now
@@ -260,7 +279,14 @@ class Worker:
             by_number = {t.number: t for t in self.trials()}
         resume = resume_point(frozen, by_number)
         retried = bool(keys.history(frozen))
-        return Lease(trial, resume, retried)
+        return Lease(trial, resume, retried, fixed=fixed_of(frozen))
+
+    def has_room(self, trials: list[FrozenTrial]) -> bool:
+        """The budget has room for another trial (and, in a staged study, a stage is not full)."""
+        cap = self.budget()
+        if cap is not None and keys.budget_used(trials) >= cap:
+            return False
+        return not self.config.stages or next_stage(self.config.stages, self.config.space, trials) is not None
 
     def budget(self) -> int | None:
         value = self.retry(lambda: self.storage.get_study_user_attrs(self.study_id)).get(keys.N_TRIALS)
@@ -317,6 +343,7 @@ class Worker:
         trial = lease.trial
         tid = _trial_id(trial)
         self.running[trial.number] = lease
+        self.use_sampler(lease)
         try:
             try:
                 outcome = self.objective.run(trial, lease.resume, lease.retried)
@@ -354,6 +381,13 @@ class Worker:
             self.heartbeat.remove(tid)
             self.running.pop(trial.number, None)
 
+    def use_sampler(self, lease: Lease) -> None:
+        """Sample `lease`'s trial with the study's sampler; a staged trial with `PartialFixedSampler(fixed,
+        base)`, so the knobs its stage does not search are fixed and the base sampler models the rest
+        (its relative sampling is lazy: it happens at the trial's first `suggest`, after this)."""
+        self.study.sampler = self.sampler if lease.fixed is None else \
+            optuna.samplers.PartialFixedSampler(lease.fixed, self.sampler)
+
     def _finished(self, trial: optuna.Trial, told: FrozenTrial | None = None) -> None:
         if told is None:
             told = self.retry(lambda: self.storage.get_trial(_trial_id(trial)))
@@ -369,15 +403,17 @@ class Worker:
     # -- the end -------------------------------------------------------------------------------
 
     def await_stragglers(self, deadline: float | None) -> bool:
-        """The budget is used up but tuner trials still run elsewhere: wait until they finish, or
-        go stale and are queued again. True when there is a WAITING trial to run."""
+        """No trial to lease (the budget is used up, or a staged study's next stage waits for the
+        last trials of the one before) but tuner trials still run elsewhere: wait until they finish,
+        or go stale and are queued again. True when there is a WAITING trial to run, or when none
+        runs any more and the budget has room (the next stage may start)."""
         while not self.stop.stop_requested:
             self.retry(lambda: optuna.storages.fail_stale_trials(self.study))
             live = self.queue_retries()
             if any(t.state == TrialState.WAITING for t in live):
                 return True
             if not any(t.state == TrialState.RUNNING and keys.is_tuner_trial(t) for t in live):
-                return False
+                return self.has_room(live)
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             self.stop.event.wait(min(float(self.interval), 2.0))

@@ -71,9 +71,10 @@ def best_command(name: NameArg, top: Annotated[int, typer.Option("--top", help="
     if not trials:
         say(f"study {name!r} has no COMPLETE trial yet")
         return
-    _table(f"best of {name}", ["rank", "trial", "val_acc", "params"],
-           [[str(i + 1), str(t.number), f"{t.value:.4f}", describe(t.user_attrs.get(keys.PARAMS))]
-            for i, t in enumerate(trials)])
+    staged = any(keys.STAGE in t.user_attrs for t in trials)  # a staged study: which stage found it
+    _table(f"best of {name}", ["rank", "trial", "val_acc", *(["stage"] if staged else []), "params"],
+           [[str(i + 1), str(t.number), f"{t.value:.4f}", *([str(t.user_attrs.get(keys.STAGE, "-"))] if staged else []),
+             describe(t.user_attrs.get(keys.PARAMS))] for i, t in enumerate(trials)])
 
 
 @app.command("export")

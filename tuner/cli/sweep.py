@@ -236,6 +236,9 @@ def sweep_command(
     check_study_model(config, data_dir=settings.data_dir(data_dir))  # a model reference, on the data's shape
     if study_name:
         config = replace(config, name=study_name)
+    from ..stages import check_flags
+
+    check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm)  # a staged study: exit 2 here
     env = settings.Settings.resolve(storage, config.storage)
     name = config.name
     if create_only:

@@ -13,7 +13,7 @@ this package imports neither plotly (only when drawing) nor torch.
 
 from __future__ import annotations
 
-from .build import build_report, header_html, report_sections, space_rows, space_text, write_report
+from .build import build_report, header_html, report_sections, space_rows, space_text, stages_text, write_report
 from .data import (
                    StudyData,
                    TrialRow,
@@ -31,7 +31,7 @@ from .panels import __all__ as _panels
 from .style import KINDS, LABELS, LOG_KNOBS, PALETTE, STYLE
 
 __all__ = [
-    "build_report", "header_html", "report_sections", "space_rows", "space_text", "write_report",
+    "build_report", "header_html", "report_sections", "space_rows", "space_text", "stages_text", "write_report",
     "StudyData", "TrialRow", "knobs_of", "load_study_data", "no_complete", "reasons", "row_of",
     "study_data_from_trials", "verify_stats",
     "Section", "figure_html", "render_page", "write_html",

@@ -53,6 +53,25 @@ def space_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, space_text(v)) for k, v in (config.get("space") or {}).items()]
 
 
+def stages_text(data: StudyData) -> str:
+    """A staged study's stages in order: the knobs each searched, its trials (retried ones once) of
+    those planned, and the best value found in it."""
+    from .. import keys
+
+    gone = keys.superseded(data.frozen)
+    parts = []
+    for i, stage in enumerate(data.config.get("stages") or [], start=1):
+        if not isinstance(stage, dict):
+            continue
+        rows = [t for t in data.trials if t.stage == stage.get("name") and t.number not in gone]
+        done = [t for t in rows if t.value is not None]
+        best = max(done, key=lambda t: (t.value, -t.number)) if done else None
+        parts.append(f"{i}. {stage.get('name')} ({', '.join(map(str, stage.get('knobs') or []))}): "
+                     f"{len(rows)} of {stage.get('trials')} trials"
+                     + (f", best {best.value:.4f} (trial {best.number})" if best and best.value is not None else ""))
+    return "; ".join(parts)
+
+
 def header_html(data: StudyData) -> str:
     c = data.config
     counts = ", ".join(f"{v} {k}" for k, v in data.counts.items() if v) or "none"
@@ -70,6 +89,9 @@ def header_html(data: StudyData) -> str:
     space = space_rows(c)
     if space:
         rows.append(("space", "; ".join(f"{k} {text}" for k, text in space)))
+    stages = stages_text(data)
+    if stages:
+        rows.append(("stages", stages))
     table = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<h1>Study {html.escape(data.name)}</h1><table class='meta'>{table}</table>"
 

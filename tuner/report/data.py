@@ -35,6 +35,7 @@ class TrialRow:
     complete: dt.datetime | None
     diverged_epoch: int | None = None
     error: str | None = None
+    stage: str | None = None  # a staged study: the trial's stage (user attr keys.STAGE)
 
     @property
     def last_value(self) -> float | None:
@@ -137,6 +138,7 @@ def row_of(t: FrozenTrial, config: dict[str, Any] | None = None) -> TrialRow:
         seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
         start=t.datetime_start, complete=t.datetime_complete, diverged_epoch=diverged_epoch,
         error=t.user_attrs.get(keys.ERROR) or (t.system_attrs or {}).get("fail_reason"),
+        stage=str(t.user_attrs[keys.STAGE]) if keys.STAGE in t.user_attrs else None,
     )
 
 

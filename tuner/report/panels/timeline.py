@@ -16,6 +16,7 @@ class Bar:
     kind: str
     start: dt.datetime
     end: dt.datetime
+    stage: str | None = None  # a staged study: the trial's stage (each starts when the one before has ended)
 
 
 @dataclass
@@ -30,7 +31,7 @@ def timeline_info(data: StudyData, now: dt.datetime | None = None) -> TimelineIn
         if t.start is None:
             continue
         end = t.complete or now or dt.datetime.now()
-        info.bars.append(Bar(t.number, t.kind, t.start, max(end, t.start)))
+        info.bars.append(Bar(t.number, t.kind, t.start, max(end, t.start), t.stage))
     if not info.bars:
         info.missing = f"no trial has started ({reasons(data)})"
     return info
@@ -48,8 +49,10 @@ def timeline_figure(info: TimelineInfo) -> Any:
             base=[b.start.isoformat() for b in bars],
             x=[max(1.0, (b.end - b.start).total_seconds() * 1000) for b in bars],  # ms on a date axis
             y=[b.number for b in bars], orientation="h", name=STYLE[kind][2], marker_color=STYLE[kind][0],
-            customdata=[[(b.end - b.start).total_seconds(), b.start.strftime("%H:%M:%S")] for b in bars],
-            hovertemplate="trial %{y}<br>start %{customdata[1]}<br>%{customdata[0]:.1f} s<extra>" + kind + "</extra>"))
+            customdata=[[(b.end - b.start).total_seconds(), b.start.strftime("%H:%M:%S"),
+                         f"<br>stage {b.stage}" if b.stage else ""] for b in bars],
+            hovertemplate="trial %{y}%{customdata[2]}<br>start %{customdata[1]}<br>%{customdata[0]:.1f} s<extra>"
+                          + kind + "</extra>"))
     fig.update_layout(barmode="overlay", xaxis={"type": "date", "title": {"text": "wall time"}},
                       yaxis={"title": {"text": "trial"}, "autorange": "reversed"}, bargap=0.2)
     return fig

@@ -16,6 +16,7 @@ from ..data import StudyData, no_complete
 class TopInfo:
     rows: list[dict[str, Any]] = field(default_factory=list)
     verified: bool = False
+    staged: bool = False  # a staged study: a stage column
     missing: str | None = None
 
 
@@ -25,8 +26,9 @@ def top_info(data: StudyData, k: int = 10) -> TopInfo:
         v = data.verify.get(t.number)
         info.rows.append({"rank": rank, "trial": t.number, "value": t.value,
                           "verified": v if v and v.get("n") else None, "knobs": t.knobs,
-                          "epochs": len(t.history) or None, "seconds": t.seconds})
+                          "epochs": len(t.history) or None, "seconds": t.seconds, "stage": t.stage})
         info.verified = info.verified or bool(v and v.get("n"))
+        info.staged = info.staged or t.stage is not None
     if not info.rows:
         info.missing = no_complete(data)
     return info
@@ -43,7 +45,8 @@ def _fmt(v: Any, spec: str = ".3g") -> str:
 
 
 def top_table_html(info: TopInfo) -> str:
-    heads = ["rank", "trial", "val acc"] + (["verified mean ± std (n)"] if info.verified else []) + [
+    heads = ["rank", "trial", "val acc"] + (["verified mean ± std (n)"] if info.verified else []) + (
+        ["stage"] if info.staged else []) + [
         "optimizer", "lr", "beta1", "beta2", "eps", "weight decay", "amsgrad", "schedule", "warmup", "clipping",
         "epochs", "seconds"]
     body = []
@@ -55,6 +58,8 @@ def top_table_html(info: TopInfo) -> str:
         cells = [str(r["rank"]), str(r["trial"]), _fmt(r["value"], ".4f")]
         if info.verified:
             cells.append(f"{v['mean']:.4f} ± {v['std']:.4f} ({v['n']})" if v else "–")
+        if info.staged:
+            cells.append(r["stage"] or "–")
         cells += [_fmt(k.get("optimizer")), _fmt(k.get("lr")), _fmt(k.get("beta1"), ".4g"), _fmt(k.get("beta2"), ".5g"),
                   _fmt(k.get("eps"), ".2g"), _fmt(k.get("weight_decay"), ".2g"), _fmt(k.get("amsgrad")),
                   _fmt(k.get("schedule")), _fmt(k.get("warmup_fraction"), ".2f"), clip, _fmt(r["epochs"]),
