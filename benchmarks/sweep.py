@@ -172,6 +172,7 @@ def pruning_savings(ctx: Context) -> Measurement:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         runs = {}
+        curves: dict[int, list[optuna.trial.FrozenTrial]] = {}
         for label, pruner in (("pruned", None), ("unpruned", "none")):
             extra = {} if pruner is None else {"pruner": pruner}  # None: the study default
             study = _study(folder, label, **fields, **extra)
@@ -181,6 +182,8 @@ def pruning_savings(ctx: Context) -> Measurement:
             trials = _trials(url, label)
             epochs = sum(len(t.intermediate_values) for t in trials)
             complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+            if label == "unpruned":
+                curves = {0: trials}  # replayed below
             runs[label] = {"epochs": epochs, "best": max(complete) if complete else None, "wall_s": rounded(wall),
                            "pruned": sum(t.state == TrialState.PRUNED for t in trials), "trials": len(trials)}
         details.update(runs)
@@ -191,8 +194,92 @@ def pruning_savings(ctx: Context) -> Measurement:
     if runs["pruned"]["best"] is not None and runs["unpruned"]["best"] is not None:
         values["pruning_best_gap_points"] = rounded(100 * (runs["unpruned"]["best"] - runs["pruned"]["best"]))
     values["trials_per_hour_subset"] = rounded(3600 * n / runs["pruned"]["wall_s"])
+    # Schedule-aware pruning, replayed: the unpruned curves of this seed and of seed 1 (the seed whose
+    # winner, a one-cycle trial, median pruning stopped: README "Pruning") go through the default pruner
+    # with its hold on and off; each trial's curve is the same with or without pruning, so pruning only
+    # truncates it. One more unpruned sweep (seed 1); the replay itself trains nothing.
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for seed in (0, 1):
+            if seed in curves:
+                continue
+            study = _study(folder, f"unpruned-{seed}", **{**fields, "seed": seed}, pruner="none")
+            url = f"sqlite:///{folder / f'unpruned-{seed}.db'}"
+            log(f"pruning savings: {n} trials unpruned, seed {seed}, for the schedule-aware replay")
+            _sweep(study, url, folder)
+            curves[seed] = _trials(url, f"unpruned-{seed}")
+        for seed, trials in curves.items():
+            for aware in (False, True):
+                replay = replay_pruning(trials, fields["epochs"], aware)
+                tag = f"seed{seed}_{'aware' if aware else 'naive'}"
+                values[f"replay_savings_{tag}"] = rounded(replay["savings"])
+                values[f"replay_best_gap_points_{tag}"] = rounded(replay["gap_points"])
+                details[f"replay_{tag}"] = replay
     return Measurement(values=values, details=details,
-                       note="default pruner (median) vs none, the same random-sampled trials; tiny net, real subset")
+                       note="default pruner (median) vs none, the same random-sampled trials; tiny net, real subset; "
+                            "replay: the unpruned curves of seeds 0 and 1 through the default pruner, "
+                            "schedule-aware hold off (naive) and on (aware)")
+
+
+REPLAY_KEYS = tuple(f"replay_{what}_seed{seed}_{mode}" for seed in (0, 1) for mode in ("naive", "aware")
+                    for what in ("savings", "best_gap_points"))
+
+
+def replay_pruning(trials: list[optuna.trial.FrozenTrial], epochs: int, aware: bool) -> dict[str, Any]:
+    """Replay unpruned trials, in order, through the study default pruner (Optuna's MedianPruner as
+    tuner builds it) in an in-memory study: each trial reports its recorded epochs until the pruner
+    stops it; with `aware`, the pruner is not asked before the trial's first epoch past its lr warm-up
+    (objective.py's rule, `optim.first_judged_epoch`). Returns the epochs saved against the unpruned
+    run, and the points of best accuracy lost."""
+    import warnings
+
+    from tuner.data import load_dataset
+    from tuner.optim import first_judged_epoch
+    from tuner.params import parse_params
+    from tuner.registry import build_pruner
+    from tuner.train import epoch_steps
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=build_pruner("median", {}, epochs))
+    full = kept = 0
+    best_all: float | None = None
+    best_kept: float | None = None
+    stopped_numbers: list[int] = []
+    data = None
+    for t in sorted(trials, key=lambda t: t.number):
+        curve = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+        if not curve:
+            continue
+        judged = 1
+        if aware:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                params = parse_params(t.user_attrs["params"], file=f"trial {t.number}")
+            if data is None:
+                data = load_dataset(params.training.dataset, "cpu", val_fraction=params.training.val_fraction)
+            judged = first_judged_epoch(params.schedule, params.training.epochs, epoch_steps(params, data))
+        trial = study.ask()
+        stopped = False
+        for e, value in enumerate(curve, start=1):
+            trial.report(value, e)
+            kept += 1
+            if e >= judged and e < len(curve) and trial.should_prune():
+                stopped = True
+                break
+        full += len(curve)
+        final = curve[-1]
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            best_all = final if best_all is None else max(best_all, final)
+        if stopped:
+            study.tell(trial, state=TrialState.PRUNED)
+            stopped_numbers.append(t.number)
+        else:
+            study.tell(trial, final)
+            if t.state == TrialState.COMPLETE:
+                best_kept = final if best_kept is None else max(best_kept, final)
+    gap = 100 * ((best_all or 0.0) - (best_kept or 0.0))
+    return {"epochs_full": full, "epochs_kept": kept, "savings": 1 - kept / full if full else 0.0,
+            "best_unpruned": best_all, "best_kept": best_kept, "gap_points": gap, "pruned": stopped_numbers}
 
 
 def quickstart(ctx: Context) -> Measurement:

@@ -240,3 +240,30 @@ def test_wheel_plan_pins_what_is_installed_here_and_leaves_torch_behind():
     cmd = pip_download_command("/tmp/w", plan)
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--only-binary=:all:" in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[-len(plan["downloads"]):] == plan["downloads"]
+
+
+def test_pruning_replay_holds_a_warming_up_winner_only_when_schedule_aware():
+    """The replay behind the schedule-aware figures, on hand-made curves: four constant-lr trials
+    around 0.30 after epoch 1, then a one-cycle trial (its lr still rising during epoch 1) at 0.28
+    after epoch 1 that ends best. Median pruning stops it after epoch 1; with the hold it is first
+    judged at epoch 2, where it is above the median, and it wins."""
+    from benchmarks.sweep import replay_pruning
+    from tuner.params import ClippingParams, OptimizerParams, ScheduleParams, TrainingParams, TrialParams
+
+    training = TrainingParams(dataset="synthetic", model="tiny", epochs=6, batch_size=128)
+
+    def trial(number: int, schedule: str, curve: list[float]) -> FrozenTrial:
+        params = TrialParams(optimizer=OptimizerParams(), schedule=ScheduleParams(name=schedule),
+                             clipping=ClippingParams(), training=training)
+        return FrozenTrial(number=number, state=TrialState.COMPLETE, value=curve[-1], datetime_start=None,
+                           datetime_complete=None, params={}, distributions={},
+                           user_attrs={"params": params.to_dict()}, system_attrs={},
+                           intermediate_values=dict(enumerate(curve, start=1)), trial_id=number)
+
+    trials = [trial(i, "constant", [0.29 + 0.01 * i] + [0.35 + 0.01 * i] * 5) for i in range(4)]
+    trials.append(trial(4, "onecycle", [0.28, 0.45, 0.5, 0.55, 0.58, 0.6]))
+    naive = replay_pruning(trials, 6, aware=False)
+    aware = replay_pruning(trials, 6, aware=True)
+    assert 4 in naive["pruned"] and naive["best_kept"] < 0.6 and naive["gap_points"] > 20
+    assert 4 not in aware["pruned"] and aware["best_kept"] == 0.6 and aware["gap_points"] == 0
+    assert naive["epochs_full"] == aware["epochs_full"] == 30 and aware["epochs_kept"] > naive["epochs_kept"]

@@ -1,0 +1,360 @@
+"""Evidence for the defaults: search strategies compared at equal compute on the real subset.
+
+    python benchmarks/search.py [--quick] [--seeds N] [--out DIR] [--dataset PATH] [--smoke]
+
+Every strategy runs the same study (quickstart's search space, `model: tiny`, the same epochs per
+trial and the same trial budget) with several sampler seeds, as real `tuner` sweeps on a SQLite
+file in this process:
+
+    tpe+median        today's default: TPE, the median pruner, schedule-aware pruning on
+    tpe+median/naive  the same with schedule-aware pruning off
+    random+median     Optuna's RandomSampler with the same pruner
+    qmc+median        scrambled Halton (QMCSampler) with the same pruner
+    staged            the default sampler and pruner over playbook stages (lr, +β1, +ε/wd, +β2/schedule/rest)
+    warm              the default, warm-started with the top configs of a study on `synthetic` data
+                      (that source study is run once; its compute is not counted: it is the point of
+                      a warm start to reuse an earlier study)
+
+The training seed is the study's (0) in every run: only the sampler seed changes between seeds
+(`WorkerOptions.worker_index`), so runs differ only by which configs they try and what they prune.
+
+It prints a table and writes `search-curves.html` (best validation accuracy against cumulative
+epochs trained, the anytime curve, one line per strategy: the mean over seeds, and each seed faint)
+and `search-table.md` into --out. The last line of stdout is one JSON object holding every figure.
+
+    best@E*        the best val accuracy once E* epochs were trained, E* the fewest epochs any run
+                   used in all (so every strategy is compared at the same compute), mean over seeds
+    final best     the best val accuracy at the end of the run, mean ± sd over seeds
+    epochs to -1pt cumulative epochs until the run was within 1 point of the best any strategy found
+                   (median over seeds; "—" for seeds that never got there, counted in "reached")
+    winner test    the test accuracy of the strategy's exported winner (its best trial over all
+                   seeds, through `tuner.export_best`), re-trained from scratch on 3 new seeds
+
+Quick mode (`--quick`): 12 trials of 3 epochs, 3 seeds (about 15 minutes on 2 idle cores).
+Full mode: 24 trials of 4 epochs, 5 seeds. `--smoke` is for the test suite: synthetic data, 1 seed,
+a few 1-epoch trials; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.core import SUBSET, load_average, log
+
+SPACE: dict[str, Any] = {
+    "lr": {"low": 1.0e-4, "high": 1.0e-1, "log": True},
+    "one_minus_beta1": {"low": 1.0e-2, "high": 0.5, "log": True},
+    "one_minus_beta2": {"low": 1.0e-4, "high": 1.0e-1, "log": True},
+    "eps": {"low": 1.0e-10, "high": 1.0e-4, "log": True},
+    "weight_decay": {"low": 1.0e-6, "high": 1.0e-2, "log": True},
+    "optimizer": {"choices": ["adam", "adamw"]},
+    "schedule": {"choices": ["constant", "cosine", "onecycle"]},
+    "warmup_fraction": {"low": 0.0, "high": 0.2},
+    "clipping": {"choices": ["none", "norm"]},
+    "clip_threshold": {"low": 0.1, "high": 10.0, "log": True},
+}
+RETRAIN_SEEDS = (1001, 1002, 1003)
+
+
+@dataclass(frozen=True)
+class Mode:
+    trials: int
+    epochs: int
+    seeds: int
+    warm_top: int
+    dataset: str
+    batch_size: int = 128
+
+
+def modes(dataset: str) -> dict[str, Mode]:
+    return {"quick": Mode(12, 3, 3, 4, dataset), "full": Mode(24, 4, 5, 5, dataset),
+            "smoke": Mode(4, 1, 1, 2, "synthetic")}
+
+
+def stages_for(trials: int) -> list[dict[str, Any]]:
+    """The playbook's order, its trials split over four stages (a third to lr alone); the last one
+    also takes the knobs the playbook leaves out (optimizer, warm-up, clipping), so the staged search
+    covers the same space as the others."""
+    first = max(1, round(trials / 3))
+    rest = trials - first
+    sizes = [first, rest - 2 * (rest // 3), rest // 3, rest // 3]
+    knobs = [["lr"], ["lr", "one_minus_beta1"], ["lr", "one_minus_beta1", "eps", "weight_decay"],
+             ["lr", "one_minus_beta2", "schedule", "warmup_fraction", "optimizer", "clipping", "clip_threshold"]]
+    return [{"name": f"s{i + 1}", "knobs": k, "trials": n} for i, (k, n) in enumerate(zip(knobs, sizes)) if n > 0]
+
+
+def base_study(mode: Mode, name: str) -> dict[str, Any]:
+    return {"name": name, "direction": "maximize", "dataset": mode.dataset, "model": "tiny", "epochs": mode.epochs,
+            "batch_size": mode.batch_size, "seed": 0, "n_trials": mode.trials,
+            "sampler": {"name": "tpe", "options": {"n_startup_trials": max(2, mode.trials // 3)}},
+            "pruner": {"name": "median", "options": {"n_startup_trials": 4, "n_warmup_steps": 1}},
+            "space": SPACE}
+
+
+def strategies(mode: Mode) -> dict[str, dict[str, Any]]:
+    """Each strategy: the study-file keys it changes, and whether it is warm-started."""
+    naive = {"name": "median", "options": {"n_startup_trials": 4, "n_warmup_steps": 1}, "schedule_aware": False}
+    return {
+        "tpe+median": {},
+        "tpe+median/naive": {"pruner": naive},
+        "random+median": {"sampler": {"name": "random"}},
+        "qmc+median": {"sampler": {"name": "qmc"}},
+        "staged": {"stages": stages_for(mode.trials)},
+        "warm": {"warm": True},
+    }
+
+
+@dataclass
+class Run:
+    strategy: str
+    seed: int
+    curve: list[tuple[int, float | None]] = field(default_factory=list)  # (cumulative epochs, best so far)
+    best: float | None = None
+    epochs: int = 0
+    wall_s: float = 0.0
+    study: str = ""
+    url: str = ""
+
+
+def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder: Path,
+            warm_source: tuple[str, str] | None) -> Run:
+    from optuna.trial import TrialState
+
+    from tuner.config import parse_study
+    from tuner.sweep import run_sweep
+    from tuner.warmstart import WarmStart
+    from tuner.worker import WorkerOptions
+
+    name = f"{strategy.replace('+', '-').replace('/', '-')}-s{seed}"
+    data = {**base_study(mode, name), **{k: v for k, v in change.items() if k != "warm"}}
+    if "stages" in data:
+        data.pop("n_trials")
+    config = parse_study(data, file=f"{name}.yaml")
+    url = f"sqlite:///{folder / (name + '.db')}"
+    warm = None
+    if change.get("warm") and warm_source is not None:
+        warm = WarmStart([f"{warm_source[0]}#{warm_source[1]}"], mode.warm_top)
+    opts = WorkerOptions(device="cpu", worker_index=seed, handle_signals=False, checkpoint_every=1e9)
+    started = time.perf_counter()
+    result = run_sweep(config, storage=url, opts=opts, warm_start=warm)
+    run = Run(strategy, seed, wall_s=time.perf_counter() - started, study=name, url=url)
+    done = sorted((t for t in result.trials if t.datetime_complete is not None), key=lambda t: t.datetime_complete)
+    best: float | None = None
+    for t in done:
+        run.epochs += len(t.intermediate_values)
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            best = t.value if best is None else max(best, t.value)
+        run.curve.append((run.epochs, best))
+    run.best = best
+    return run
+
+
+def warm_source_study(mode: Mode, folder: Path) -> tuple[str, str]:
+    """A finished study on `synthetic` data, same space: what a user tuned before on other data."""
+    from tuner.config import parse_study
+    from tuner.sweep import run_sweep
+    from tuner.worker import WorkerOptions
+
+    data = {**base_study(mode, "warm-source"), "dataset": "synthetic", "n_trials": mode.trials}
+    url = f"sqlite:///{folder / 'warm-source.db'}"
+    run_sweep(parse_study(data, file="warm-source.yaml"), storage=url,
+              opts=WorkerOptions(device="cpu", worker_index=0, handle_signals=False, checkpoint_every=1e9))
+    return url, "warm-source"
+
+
+def best_at(run: Run, budget: int) -> float | None:
+    best = None
+    for epochs, value in run.curve:
+        if epochs > budget:
+            break
+        best = value
+    return best
+
+
+def epochs_to(run: Run, target: float) -> int | None:
+    for epochs, value in run.curve:
+        if value is not None and value >= target:
+            return epochs
+    return None
+
+
+def retrain_winner(runs: list[Run]) -> dict[str, Any]:
+    """The strategy's best trial over all its seeds, exported as `tuner export` writes it, then
+    re-trained from scratch with new seeds; its test accuracy."""
+    import optuna
+
+    import tuner
+    from tuner.data import load_dataset
+    from tuner.params import parse_params
+    from tuner.storage import open_storage
+    from tuner.train import train
+
+    finished = [r for r in runs if r.best is not None]
+    if not finished:
+        return {"winner_val": None, "winner_test_mean": None, "winner_test_sd": None}
+    top = max(finished, key=lambda r: r.best or 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name=top.study, storage=open_storage(top.url))
+    import yaml
+
+    params = parse_params(yaml.safe_load(tuner.export_best(study)), file=f"{top.study} export")
+    data = load_dataset(params.training.dataset, "cpu", val_fraction=params.training.val_fraction)
+    tests = []
+    for seed in RETRAIN_SEEDS:
+        result = train(replace(params, training=replace(params.training, seed=seed)), data, evaluate_test=True)
+        tests.append(float(result.test_accuracy) if result.test_accuracy is not None else float("nan"))
+    return {"winner_val": top.best, "winner_study": top.study, "winner_test": tests,
+            "winner_test_mean": statistics.fmean(tests), "winner_test_sd": statistics.pstdev(tests)}
+
+
+def summarize(runs: dict[str, list[Run]]) -> tuple[dict[str, dict[str, Any]], int, float]:
+    every = [r for rs in runs.values() for r in rs]
+    budget = min(r.epochs for r in every)
+    top = max((r.best for r in every if r.best is not None), default=0.0)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        finals = [r.best for r in rs if r.best is not None]
+        at = [v for v in (best_at(r, budget) for r in rs) if v is not None]
+        reach = [epochs_to(r, top - 0.01) for r in rs]
+        got = [e for e in reach if e is not None]
+        out[name] = {
+            "best_at_budget": statistics.fmean(at) if at else None,
+            "final_best_mean": statistics.fmean(finals) if finals else None,
+            "final_best_sd": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            "epochs_mean": statistics.fmean(r.epochs for r in rs),
+            "epochs_to_within_1pt_median": statistics.median(got) if got else None,
+            "reached": f"{len(got)}/{len(rs)}",
+            "wall_s": sum(r.wall_s for r in rs),
+        }
+    return out, budget, top
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(summary: dict[str, dict[str, Any]], budget: int, top: float, mode_name: str, mode: Mode) -> str:
+    head = (f"search strategies, {mode_name} mode: {mode.trials} trials × {mode.epochs} epochs, tiny net, "
+            f"{mode.seeds} sampler seeds, data {Path(mode.dataset).name}; E* = {budget} epochs; best any = {top:.4f}")
+    cols = ("strategy", "best@E*", "final best", "± sd", "epochs", "epochs to -1pt", "reached", "winner val",
+            "winner test (3 seeds)", "wall s")
+    rows = [cols, tuple("---" for _ in cols)]
+    for name, s in summary.items():
+        test = "—" if s.get("winner_test_mean") is None else \
+            f"{s['winner_test_mean']:.4f} ± {s['winner_test_sd']:.4f}"
+        rows.append((name, fmt(s["best_at_budget"], 4), fmt(s["final_best_mean"], 4), fmt(s["final_best_sd"], 4),
+                     fmt(s["epochs_mean"], 1), fmt(s["epochs_to_within_1pt_median"], 1), s["reached"],
+                     fmt(s.get("winner_val"), 4), test, fmt(s["wall_s"], 0)))
+    lines = ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def curves_html(runs: dict[str, list[Run]], path: Path, title: str) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+    for i, (name, rs) in enumerate(runs.items()):
+        color = palette[i % len(palette)]
+        grid = sorted({e for r in rs for e, _ in r.curve})
+        for r in rs:
+            xs = [e for e, v in r.curve if v is not None]
+            ys = [v for _, v in r.curve if v is not None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": color, "width": 1, "shape": "hv"},
+                                     opacity=0.3, legendgroup=name, showlegend=False,
+                                     name=f"{name} seed {r.seed}"))
+        mean = []
+        for e in grid:
+            vals = [best_at(r, e) for r in rs]
+            mean.append(statistics.fmean(vals) if all(v is not None for v in vals) else None)
+        fig.add_trace(go.Scatter(x=grid, y=mean, mode="lines", line={"color": color, "width": 3, "shape": "hv"},
+                                 legendgroup=name, name=f"{name} (mean of {len(rs)} seeds)"))
+    fig.update_layout(title=title, xaxis_title="cumulative epochs trained", yaxis_title="best validation accuracy",
+                      template="plotly_white")
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="12 trials × 3 epochs, 3 seeds (the default is full)")
+    ap.add_argument("--smoke", action="store_true", help="a few 1-epoch trials on synthetic data (for tests)")
+    ap.add_argument("--seeds", type=int, default=None, help="sampler seeds per strategy")
+    ap.add_argument("--only", default=None, help="comma-separated strategies")
+    ap.add_argument("--dataset", default=str(SUBSET), help="the real subset (.npz)")
+    ap.add_argument("--out", default="search-results", help="folder for search-curves.html and search-table.md")
+    args = ap.parse_args(argv)
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = modes(args.dataset)[mode_name]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            print("error: --seeds must be >= 1", file=sys.stderr)
+            return 2
+        mode = replace(mode, seeds=args.seeds)
+    if mode.dataset != "synthetic" and not Path(mode.dataset).is_file():
+        print(f"error: --dataset {mode.dataset}: no such file (the real CIFAR-10 subset .npz)", file=sys.stderr)
+        return 2
+    chosen = strategies(mode)
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(",")]
+        unknown = [s for s in wanted if s not in chosen]
+        if unknown:
+            print(f"error: --only: unknown strategy {unknown[0]!r} (valid: {', '.join(chosen)})", file=sys.stderr)
+            return 2
+        chosen = {k: v for k, v in chosen.items() if k in wanted}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
+    started = time.perf_counter()
+    runs: dict[str, list[Run]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        source = None
+        if any(c.get("warm") for c in chosen.values()):
+            log("warm-start source: a study on synthetic data")
+            source = warm_source_study(mode, folder)
+        for seed in range(mode.seeds):
+            for name, change in chosen.items():
+                log(f"{name}, sampler seed {seed}")
+                runs.setdefault(name, []).append(run_one(mode, name, change, seed, folder, source))
+        summary, budget, top = summarize(runs)
+        for name, rs in runs.items():
+            log(f"{name}: re-training the winner on {len(RETRAIN_SEEDS)} new seeds")
+            summary[name].update(retrain_winner(rs))
+    wall = time.perf_counter() - started
+    text = table(summary, budget, top, mode_name, mode)
+    title = (f"Best validation accuracy against epochs trained ({mode_name}: {mode.trials} trials × "
+             f"{mode.epochs} epochs)")
+    curves_html(runs, out / "search-curves.html", title)
+    (out / "search-table.md").write_text(text)
+    print(text)
+    print(f"wall {wall:.0f} s; load average before {load_before}, after {load_average()}")
+    record = {"mode": mode_name, "trials": mode.trials, "epochs": mode.epochs, "seeds": mode.seeds,
+              "budget_epochs": budget, "best_any": top, "wall_s": round(wall, 1),
+              "load_before": load_before, "load_after": load_average(), "strategies": summary,
+              "curves": {n: [{"seed": r.seed, "curve": r.curve} for r in rs] for n, rs in runs.items()}}
+    print(json.dumps(record, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
