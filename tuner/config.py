@@ -79,6 +79,7 @@ class StudyConfig:
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     source: str | None = None  # the file it came from, for messages
     stages: tuple[Stage, ...] = ()  # `stages:` (stages.py); n_trials is their sum
+    pack: int | str = "auto"  # `training.pack`: trials a worker trains at once (pack.py); auto: 1 on a CPU
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as stored in the study. It never holds the storage URL."""
@@ -87,7 +88,8 @@ class StudyConfig:
             "name": self.name, "direction": self.direction, "dataset": t.pop("dataset"), "model": t.pop("model"),
             **({"model_options": t.pop("model_options")} if "model_options" in t else {}),
             "epochs": t.pop("epochs"), "batch_size": t.pop("batch_size"), "seed": t.pop("seed"),
-            "training": t, "n_trials": self.n_trials, "timeout": self.timeout,
+            "training": {**t, **({"pack": self.pack} if self.pack != "auto" else {})},
+            "n_trials": self.n_trials, "timeout": self.timeout,
             "sampler": asdict(self.sampler), "pruner": asdict(self.pruner),
             "heartbeat": asdict(self.heartbeat), "space": self.space.to_dict(),
             **({"stages": [s.to_dict() for s in self.stages]} if self.stages else {}),
@@ -97,6 +99,7 @@ class StudyConfig:
         """What may not change when a study is continued: space, stages, direction and budget."""
         d = self.to_dict()
         out = {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
+        out["training"] = {k: v for k, v in out["training"].items() if k != "pack"}  # packing changes no result
         return {**out, "model_options": d.get("model_options"), "stages": d.get("stages")}
 
 
@@ -118,8 +121,13 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     if n_trials is None and timeout is None and c.raw("stages") is None:
         raise c.error("n_trials", "set n_trials, timeout, or both")
     extra = Checker(c.raw("training"), file=file, prefix="training",
-                    allowed=("val_fraction", "augment", "precision", "compile", "image_size"))
-    from .params import _training, model_setting  # one validator for training settings, shared with params files
+                    allowed=("val_fraction", "augment", "precision", "compile", "image_size", "pack"))
+    from .params import _training, model_setting, parse_pack  # one validator for training settings (params files)
+
+    try:  # trials per pack (pack.py): how workers run trials, not a trial's setting
+        pack = parse_pack(extra.data.pop("pack", "auto"))
+    except ValueError as exc:
+        raise extra.error("pack", str(exc)) from None
 
     model, options = model_setting(c, "model", "model_options")
     training = _training({
@@ -148,6 +156,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         timeout=timeout,
         storage=c.str("storage", None, optional=True),
         heartbeat=_heartbeat(c.raw("heartbeat"), file),
+        pack=pack,
         source=file,
         stages=stages,
     )

@@ -15,6 +15,7 @@ sync; there are no DataLoader workers in the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -123,7 +124,7 @@ def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int |
                 size = -1
             if size < 100:
                 raise DataError(f"dataset {spec!r}: synthetic size must be a whole number >= 100", exit_code=2)
-        return make_synthetic(n_train=size)
+        return cached_synthetic(size, Path(data_dir) if data_dir else default_data_dir())
     if spec.endswith(".npz") or os.sep in spec or Path(spec).exists():
         return load_npz(Path(spec))
     raise DataError(f"dataset {spec!r}: unknown spec (valid: cifar10, cifar100, synthetic, synthetic:N, "
@@ -334,6 +335,35 @@ def load_imagefolder(root: Path, image_size: int = 32) -> RawDataset:
                       x_test=out["test"][0], y_test=out["test"][1], classes=tuple(classes))
 
 
+def cached_synthetic(n_train: int, folder: Path) -> RawDataset:
+    """`make_synthetic(n_train)`, kept as an .npz in the data folder after the first call: drawing it
+    costs a few hundred ms of every worker's start, loading it ~10 ms. The file name holds a digest
+    of the generator's code and the torch version (whose RNG draws it), so a change to either makes
+    a new file. A folder that cannot be written only means no cache."""
+    import hashlib
+    import inspect
+
+    digest = hashlib.sha1(f"{inspect.getsource(make_synthetic)}{torch.__version__}".encode()).hexdigest()[:12]
+    path = folder / f"synthetic-{n_train}-{digest}.npz"
+    try:
+        with np.load(path) as npz:
+            return RawDataset(name="synthetic", x_train=npz["x_train"], y_train=npz["y_train"],
+                              x_test=npz["x_test"], y_test=npz["y_test"], classes=SYNTHETIC_CLASSES)
+    except (OSError, KeyError, ValueError):
+        pass
+    raw = make_synthetic(n_train=n_train)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x_train=raw.x_train, y_train=raw.y_train, x_test=raw.x_test, y_test=raw.y_test)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return raw
+
+
 def make_synthetic(n_train: int = 4000, n_test: int = 1000, seed: int = 1234) -> RawDataset:
     """A deterministic 10-class dataset of noisy textures (no files, no download).
 
@@ -513,10 +543,19 @@ def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
     with padding 4 at 32 px, scaled with the image size, and flip), False, or an `Augment` setting.
     A batch of one is dropped (batch norm cannot train on it); with `drop_last` (static shapes for
     torch.compile) the last partial batch is dropped whenever there is a full one (its images come
-    first in another epoch's shuffle)."""
-    total = n = len(data.y_train)
-    if drop_last and n >= batch_size:
-        n -= n % batch_size
+    first in another epoch's shuffle). `epoch_images` and `batch_spans` are its two halves (trial
+    packing draws each packed trial's epoch with the first and slices all of them with the second)."""
+    x, y = epoch_images(data, generator, augment_images)
+    for start, stop in batch_spans(len(y), batch_size, drop_last):
+        yield normalize(x[start:stop], data.mean, data.std), y[start:stop]
+
+
+def epoch_images(data: DeviceData, generator: torch.Generator,
+                 augment_images: bool | Augment = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's shuffled (and augmented) uint8 training images, N×C×H×W (a channels_last view
+    when augmented), and their labels: all of the epoch's draws from `generator`, in the order
+    `train_batches` makes them."""
+    total = len(data.y_train)
     perm = torch.randperm(total, generator=generator, device=generator.device).to(data.device)
     y = data.y_train[perm]
     setting = Augment() if augment_images is True else (augment_images or None)
@@ -526,10 +565,20 @@ def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
                     flip=setting.flip)
     else:
         x = data.x_train[perm]
+    return x, y
+
+
+def batch_spans(n: int, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) of each training batch of an epoch of `n` images: a last batch of one is
+    dropped, and with `drop_last` the last partial batch whenever there is a full one."""
+    if drop_last and n >= batch_size:
+        n -= n % batch_size
+    spans = []
     for start in range(0, n, batch_size):
         if n - start < 2:
             break
-        yield normalize(x[start:start + batch_size], data.mean, data.std), y[start:start + batch_size]
+        spans.append((start, min(start + batch_size, n)))
+    return spans
 
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, data: DeviceData, batch_size: int,

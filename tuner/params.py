@@ -303,6 +303,21 @@ def dump_params(params: TrialParams, extra: Mapping[str, Any] | None = None) -> 
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
 
 
+PACK_AUTO = "auto"
+
+
+def parse_pack(value: Any) -> int | str:
+    """A `pack` setting (trials trained at once per worker, pack.py): a whole number >= 1 or "auto".
+    Raises ValueError with the reason."""
+    if isinstance(value, str) and value.strip().lower() == PACK_AUTO:
+        return PACK_AUTO
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number >= 1 or auto, got {value!r}")
+    return value
+
+
 def check_override(name: str, value: Any, *, ge: int = 1) -> None:
     """Validate a CLI override such as --epochs."""
     if value is not None and value < ge:

@@ -12,6 +12,7 @@ this module and `tuner/cli/` are the only places that look at `os.environ`.
 | data dir (cifar10) | `--data-dir` | `TUNER_DATA_DIR` | | `$XDG_CACHE_HOME/tuner/data` or `~/.cache/tuner/data` |
 | timeout, heartbeat | `--timeout`, `--heartbeat-interval` | | `timeout:`, `heartbeat:` | none, 60 s |
 | local workers' GPUs | `--device cuda:N` | `CUDA_VISIBLE_DEVICES` | | `nvidia-smi -L`, else torch |
+| trials per pack | `--pack` (K or auto) | | `training.pack` | auto (1 on a CPU) |
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def artifact_dir(flag: str | Path | None, url: StorageURL, env: Mapping[str, str
 
 def sqlite_wal(env: Mapping[str, str] | None = None) -> bool:
     return _env(env).get("TUNER_SQLITE_WAL", "1").strip() != "0"
+
+
+def pack(flag: str | None) -> int | str | None:
+    """`--pack K|auto` checked (ConfigError, exit 2); None when not given: the worker then follows the
+    study's `training.pack`, read from the storage."""
+    if flag is None:
+        return None
+    from .params import parse_pack
+
+    try:
+        return parse_pack(flag)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="--pack") from None
 
 
 def data_dir(flag: str | Path | None, env: Mapping[str, str] | None = None) -> Path:

@@ -358,6 +358,8 @@ def worker_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptio
             cmd += ["--artifact-dir", str(Path(opts.artifact_dir).resolve())]
         if opts.keep_checkpoints:
             cmd += ["--keep-checkpoints", opts.keep_checkpoints]
+        if opts.pack is not None:
+            cmd += ["--pack", str(opts.pack)]
         out.append((env, cmd))
     return out
 

@@ -359,13 +359,8 @@ def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Ca
         if not math.isfinite(val_loss):
             diverged, outcome = {"epoch": epoch, "step": step, "loss": val_loss}, "diverged"
             break
-        norm_t = torch.stack(norms).float().cpu()
-        record = EpochRecord(
-            epoch=epoch, train_loss=loss_sum.item() / max(1, n_steps), val_loss=val_loss, val_accuracy=val_acc,
-            lr=lr, seconds=time.perf_counter() - t0,
-            grad_norm_p50=float(norm_t.quantile(0.5)), grad_norm_p90=float(norm_t.quantile(0.9)),
-            grad_norm_max=float(norm_t.max()), clip_fraction=float(torch.stack(clipped).float().mean().cpu()),
-        )
+        record = epoch_record(epoch, loss_sum.item(), n_steps, val_loss, val_acc, lr, time.perf_counter() - t0,
+                              torch.stack(norms).float().cpu(), torch.stack(clipped).float().cpu())
         history.append(record.to_dict())
         if checkpoint_path is not None and (checkpoint_when is None or checkpoint_when(record)):
             save_checkpoint(checkpoint_path, params=params, model=model, optimizer=optimizer, generator=gen,
@@ -385,6 +380,18 @@ def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Ca
     # the caller's own copy: a compiled module is shared with the worker's next trial
     result.model = copy.deepcopy(model) if settings.compile else model
     return result
+
+
+def epoch_record(epoch: int, loss_sum: float, n_steps: int, val_loss: float, val_acc: float, lr: float,
+                 seconds: float, norms: torch.Tensor, clipped: torch.Tensor) -> EpochRecord:
+    """An epoch's record from its summed step losses and its steps' gradient norms (before clipping)
+    and clip flags (1-D CPU float tensors, one entry per step). Packed trials (pack.py) use it too."""
+    return EpochRecord(
+        epoch=epoch, train_loss=loss_sum / max(1, n_steps), val_loss=val_loss, val_accuracy=val_acc,
+        lr=lr, seconds=seconds,
+        grad_norm_p50=float(norms.quantile(0.5)), grad_norm_p90=float(norms.quantile(0.9)),
+        grad_norm_max=float(norms.max()), clip_fraction=float(clipped.mean()),
+    )
 
 
 def epoch_steps(params: TrialParams, data: DeviceData, settings: DeviceSettings | None = None) -> int:

@@ -1,7 +1,7 @@
 """A worker: an explicit ask → train → tell loop on Optuna's public API.
 
     with gate:                        # one holder per study, across processes and machines
-        fail_stale_trials(study)      # Optuna's heartbeat rule
+        fail_stale_trials(study)      # Optuna's heartbeat rule (at most once per heartbeat interval)
         reconcile(trials)             # orphans, duplicate queue entries, retry copies
         if no WAITING trial and the budget allows: study.add_trial(<WAITING, tuner_queued token>)
         trial = study.ask()           # pops the oldest WAITING trial: retries first
@@ -84,6 +84,7 @@ class WorkerOptions:
     handle_signals: bool = True  # SIGINT/SIGTERM stop at the next epoch boundary (main thread only)
     retry_seconds: float = DEFAULT_RETRY_SECONDS  # the bound on retrying one storage step
     sqlite_wal: bool = True
+    pack: int | str | None = None  # trials per pack (pack.py), or "auto"; None: the study's `training.pack`
 
 
 class Heartbeat:
@@ -145,6 +146,7 @@ class Worker:
     objective_class: type | None = None  # objective.Objective, or a subclass (tests inject faults)
     ran: int = 0
     running: dict[int, Lease] = field(default_factory=dict)
+    stale_checked: float = float("-inf")  # time.monotonic() of the last fail_stale_trials in a lease
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -205,7 +207,10 @@ class Worker:
         deadline = None if not self.timeout else time.monotonic() + self.timeout
         with Heartbeat(self.storage, self.interval) as self.heartbeat, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            while not self.stop.stop_requested:
+            from .packed import run_packed  # K trials at once when the pack setting says so (packed.py)
+
+            packed = run_packed(self, deadline)
+            while not packed and not self.stop.stop_requested:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 lease = self.lease()
@@ -236,7 +241,11 @@ class Worker:
             return self.retry(self._lease, recover=self.gate.reacquire)
 
     def _lease(self) -> Lease | None:
-        optuna.storages.fail_stale_trials(self.study)
+        if time.monotonic() - self.stale_checked >= self.interval:
+            # a trial goes stale only after the grace period (>= one heartbeat interval), so a check per
+            # interval finds it at most one interval late; one per lease was a query per trial
+            optuna.storages.fail_stale_trials(self.study)
+            self.stale_checked = time.monotonic()
         trials = self.reconcile(self.trials())
         waiting = {t.number for t in trials if t.state == TrialState.WAITING}
         cap = self.budget()

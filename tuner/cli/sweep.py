@@ -44,6 +44,10 @@ EveryOpt = Annotated[float | None, typer.Option(
     "--checkpoint-every", envvar="TUNER_CHECKPOINT_EVERY", show_default=False, metavar="SECONDS",
     help="Checkpoint a running trial at the first epoch boundary after S seconds of training (0: after "
          "every epoch); a crash loses at most that much of a trial [env TUNER_CHECKPOINT_EVERY; default: 60].")]
+PackOpt = Annotated[str | None, typer.Option(
+    "--pack", metavar="K|auto",
+    help="Train K trials at once per worker, as one fused model (1: off; auto: by GPU memory and a short "
+         "probe on CUDA, 1 on a CPU) [default: the study file's training.pack, else auto].")]
 
 
 def describe(params: dict[str, Any] | None) -> str:
@@ -195,6 +199,7 @@ def sweep_command(
     artifact_dir: ArtifactDirOpt = None,
     keep_checkpoints: KeepOpt = None,
     checkpoint_every: EveryOpt = None,
+    pack: PackOpt = None,
     warm_start: Annotated[str | None, typer.Option(
         "--warm-start", metavar="STUDY[,STUDY...]",
         help="Queue the best configs of earlier studies (in this storage, or URL#STUDY in another) as a new "
@@ -227,9 +232,11 @@ def sweep_command(
         warm = WarmStart([warm_start], warm_top, say=say)
     check_keep(keep_checkpoints)
     every = settings.checkpoint_every(checkpoint_every)
+    per_pack = settings.pack(pack)
     if create_only:
         # (--data-dir and --checkpoint-every also come from the environment, so they are not refused)
-        _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto")
+        _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto",
+                             pack=per_pack is not None)
     config = load_study_file(study_file, check_model=False)
     if dataset:
         config = replace(config, training=replace(config.training, dataset=dataset))
@@ -273,7 +280,7 @@ def sweep_command(
                          heartbeat_interval=heartbeat_interval,
                          artifact_dir=str(settings.artifact_dir(artifact_dir, env.storage)),
                          keep_checkpoints=keep_checkpoints, checkpoint_every=every,
-                         retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal)
+                         retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal, pack=per_pack)
     with SweepProgress(None) as progress:
         result = run_sweep(config, storage=env.storage, n_trials=n_trials, timeout=timeout, workers=workers,
                            opts=opts, on_trial=progress.trial, on_poll=progress.poll,
@@ -318,6 +325,7 @@ def worker_command(
     artifact_dir: ArtifactDirOpt = None,
     keep_checkpoints: KeepOpt = None,
     checkpoint_every: EveryOpt = None,
+    pack: PackOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-trial lines.")] = False,
     debug: Debug = False,
 ) -> None:
@@ -329,6 +337,7 @@ def worker_command(
 
     check_keep(keep_checkpoints)
     every = settings.checkpoint_every(checkpoint_every)
+    per_pack = settings.pack(pack)
     for flag, value in (("--heartbeat-interval", heartbeat_interval), ("--workers-per-gpu", workers_per_gpu)):
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
@@ -339,7 +348,7 @@ def worker_command(
                          heartbeat_interval=heartbeat_interval, worker_index=worker_index,
                          artifact_dir=str(settings.artifact_dir(artifact_dir, env.storage)),
                          keep_checkpoints=keep_checkpoints, checkpoint_every=every,
-                         retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal)
+                         retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal, pack=per_pack)
     progress = SweepProgress(None, quiet=quiet, bar=False)  # workers print plain lines
     if workers_per_gpu:
         gpus = _worker_gpus(device)
