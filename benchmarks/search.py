@@ -6,8 +6,8 @@ Every strategy runs the same study (quickstart's search space, `model: tiny`, th
 trial and the same trial budget) with several sampler seeds, as real `tuner` sweeps on a SQLite
 file in this process:
 
-    tpe+median        today's default: TPE, the median pruner, schedule-aware pruning on
-    tpe+median/naive  the same with schedule-aware pruning off
+    tpe+median        the default: TPE, the median pruner (schedule-aware pruning off)
+    tpe+median/aware  the same with schedule-aware pruning on
     random+median     Optuna's RandomSampler with the same pruner
     qmc+median        scrambled Halton (QMCSampler) with the same pruner
     staged            the default sampler and pruner over playbook stages (lr, +β1, +ε/wd, +β2/schedule/rest)
@@ -105,10 +105,10 @@ def base_study(mode: Mode, name: str) -> dict[str, Any]:
 
 def strategies(mode: Mode) -> dict[str, dict[str, Any]]:
     """Each strategy: the study-file keys it changes, and whether it is warm-started."""
-    naive = {"name": "median", "options": {"n_startup_trials": 4, "n_warmup_steps": 1}, "schedule_aware": False}
+    aware = {"name": "median", "options": {"n_startup_trials": 4, "n_warmup_steps": 1}, "schedule_aware": True}
     return {
         "tpe+median": {},
-        "tpe+median/naive": {"pruner": naive},
+        "tpe+median/aware": {"pruner": aware},
         "random+median": {"sampler": {"name": "random"}},
         "qmc+median": {"sampler": {"name": "qmc"}},
         "staged": {"stages": stages_for(mode.trials)},

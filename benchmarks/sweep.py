@@ -9,6 +9,7 @@ storage round trips and model building are all inside the measured wall time.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,13 +46,14 @@ _RUNNER = ("import atexit, resource, sys\n"
            "run()\n")
 
 
-def _sweep(study: Path, url: str, cwd: Path) -> tuple[float, float, float, float]:
+def _sweep(study: Path, url: str, cwd: Path, extra: tuple[str, ...] = ()) -> tuple[float, float, float, float]:
     """Run `tuner sweep` in a fresh process, as a user would: (wall seconds, its peak RSS in MB,
     and the wall-clock times it started and ended, to place the trials' timestamps)."""
     env = {k: v for k, v in os.environ.items() if k != "TUNER_STORAGE"}
     started = time.time()
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", _RUNNER, "sweep", str(study), "--storage", url, "--device", "cpu"],
+    run = subprocess.run([sys.executable, "-c", _RUNNER, "sweep", str(study), "--storage", url, "--device", "cpu",
+                          *extra],
                          cwd=cwd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     ended = time.time()
@@ -296,3 +298,48 @@ def quickstart(ctx: Context) -> Measurement:
                 "quickstart_peak_rss_mb": rounded(rss)},
         details={"trials": len(trials), "pruned": pruned},
         note="the shipped quickstart study in a subprocess, SQLite")
+
+
+def packed_ratio(ctx: Context) -> Measurement:
+    """Trial packing on this machine: trials per hour of `tuner sweep --pack 4` ÷ the same sweep with
+    `--pack 1`, for the quickstart study as shipped (synthetic, TPE) and for a real-subset budget
+    (tiny net, random sampler: both runs train the same configs, so their per-trial results are
+    compared too). Runs alternate (1, 4, 1, 4 in full mode) and the median wall time is used."""
+    rounds = ctx.pick(1, 2)
+    n = ctx.pick(12, 24)
+    budgets: list[tuple[str, Path | None, dict[str, Any]]] = [("quickstart", ROOT / "studies" / "quickstart.yaml", {})]
+    if SUBSET.is_file():
+        budgets.append(("subset", None, dict(dataset=str(SUBSET), model="tiny", epochs=ctx.pick(3, 6), batch_size=128,
+                                             n_trials=n, sampler={"name": "random"})))
+    values: dict[str, Any] = {}
+    details: dict[str, Any] = {"rounds": rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for label, shipped, fields in budgets:
+            walls: dict[int, list[float]] = {1: [], 4: []}
+            results: dict[int, list[tuple[int, str, float | None]]] = {}
+            for r in range(rounds):
+                for k in (1, 4):
+                    name = f"{label}-k{k}-r{r}"
+                    study = _study(folder, name, **fields) if shipped is None else shipped
+                    url = f"sqlite:///{folder / (name + '.db')}"
+                    log(f"packed ratio: {label}, --pack {k}, round {r + 1}")
+                    wall, rss, *_ = _sweep(study, url, folder, ("--pack", str(k), "--study-name", name))
+                    trials = _trials(url, name)
+                    walls[k].append(3600 * len(trials) / wall)
+                    results[k] = sorted((t.number, t.state.name, t.value) for t in trials)
+                    details[f"{label}_k{k}_peak_rss_mb"] = rounded(rss)
+            ratio = statistics.median(walls[4]) / statistics.median(walls[1])
+            values[f"packed_trials_per_hour_ratio_{label}"] = rounded(ratio)
+            details[f"{label}_trials_per_hour"] = {str(k): [rounded(w) for w in v] for k, v in walls.items()}
+            best = {k: max((v for _, s, v in res if s == "COMPLETE" and v is not None), default=None)
+                    for k, res in results.items()}
+            details[f"{label}_best"] = best
+            if shipped is None:  # random sampler: the same configs, so the same results
+                same = sum(1 for a, b in zip(results[1], results[4]) if a == b)
+                values["packed_same_results_subset"] = rounded(same / max(1, len(results[1])))
+    values.setdefault("packed_trials_per_hour_ratio_subset", None)
+    values.setdefault("packed_same_results_subset", None)
+    return Measurement(values=values, details=details,
+                       note="trials per hour with --pack 4 / --pack 1 (CPU: auto picks 1); same-results is the share "
+                            "of trials with the same state and value")

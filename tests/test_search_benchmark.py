@@ -42,7 +42,7 @@ def test_smoke_run_of_every_strategy(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(run.stdout.strip().splitlines()[-1])
     names = list(record["strategies"])
-    assert names == ["tpe+median", "tpe+median/naive", "random+median", "qmc+median", "staged", "warm"]
+    assert names == ["tpe+median", "tpe+median/aware", "random+median", "qmc+median", "staged", "warm"]
     for name in names:
         assert f"| {name} |" in run.stdout  # the table
         s = record["strategies"][name]

@@ -37,7 +37,7 @@ finished, then leases again: the next stage never starts on partial results. The
 with `PartialFixedSampler(fixed, base sampler)`.
 
 **A set of running trials.** The loop leases trials into a set that the heartbeat thread beats
-for; today one trial runs at a time, and the set is what trial packing will fill.
+for: one trial at a time here, or K with trial packing (packed.py, `--pack K`).
 """
 
 from __future__ import annotations
