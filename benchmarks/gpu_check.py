@@ -15,6 +15,9 @@ time is recorded and the next one runs):
                  and how many a second trial adds (should be 0)
   syncs_kernels  host syncs per epoch (torch.cuda.set_sync_debug_mode("warn")) and, from
                  torch.profiler, CUDA kernels (and aten ops) per training step; eager and compiled
+  pack           trial packing (tuner/pack.py): 4 mixed trials packed against each alone (bf16, 2 epochs,
+                 epoch-1 losses and final val accuracy within a stated tolerance), then images/s,
+                 trials-per-hour ratio, TFLOP/s, MFU and peak memory of a packed step for K = 1, 4, 16, 64
   throughput     steady-state images/s, TFLOP/s, MFU and peak memory of train() epochs
                  (benchmarks.gpu.training_throughput), eager and compiled, per model while time allows
 
@@ -60,6 +63,7 @@ PARTS: tuple[tuple[str, float, float], ...] = (
     ("tests", 140, 60),
     ("graphs", 110, 45),
     ("syncs_kernels", 80, 30),
+    ("pack", 120, 45),
     ("throughput", 10_000, 90),
 )
 DEFAULT_BUDGET_S = 430.0  # the sh script passes what is left of 450 s after installing
@@ -446,9 +450,198 @@ def part_throughput(args: argparse.Namespace, emit: Callable[[dict], None]) -> d
     return out
 
 
+PACK_MIX: tuple[dict[str, Any], ...] = (  # tests/test_pack.py's MIXED: adam/adamw, amsgrad, warm-up, clipping
+    {"optimizer": {"name": "adam", "lr": 3e-3, "weight_decay": 1e-3},
+     "schedule": {"name": "cosine", "warmup_fraction": 0.2}, "clipping": {"mode": "none"}},
+    {"optimizer": {"name": "adamw", "lr": 5e-3, "weight_decay": 5e-2, "amsgrad": True},
+     "schedule": {"name": "linear", "warmup_fraction": 0.1}, "clipping": {"mode": "norm", "threshold": 0.5}},
+    {"optimizer": {"name": "adam", "lr": 2e-3, "betas": [0.8, 0.99], "eps": 1e-6, "amsgrad": True},
+     "schedule": {"name": "step", "warmup_fraction": 0.15}, "clipping": {"mode": "value", "threshold": 0.01}},
+    {"optimizer": {"name": "adamw", "lr": 1e-3},
+     "schedule": {"name": "onecycle"}, "clipping": {"mode": "norm", "threshold": 2.0}},
+)
+# packed vs alone: bf16 on CUDA (cuDNN picks its own algorithms; nothing is bitwise), fp32 on the CPU
+PACK_TOL = {"bf16": {"loss_rtol": 2e-2, "acc_points": 2.0}, "fp32": {"loss_rtol": 1e-4, "acc_points": 0.5}}
+PACK_KS, DRY_PACK_KS = (1, 4, 16, 64), (1, 2)
+
+
+def _pack_trials(k: int, *, model: str, batch_size: int, epochs: int, precision: str,
+                 dataset: str) -> list[Any]:
+    """K trials of one study: PACK_MIX's configurations in turn, seeds 0..K-1."""
+    from tuner.params import parse_params
+
+    return [parse_params({**PACK_MIX[i % len(PACK_MIX)],
+                          "training": {"model": model, "epochs": epochs, "batch_size": batch_size, "seed": i,
+                                       "dataset": dataset, "precision": precision, "compile": False}})
+            for i in range(k)]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), 1e-12)
+
+
+def _pack_exactness(trials: list[Any], data: Any, precision: str) -> dict[str, Any]:
+    """The K trials packed (Pack's default: exact on the CPU, not on CUDA) against each alone."""
+    from tuner.pack import Pack
+    from tuner.train import train
+
+    pack = Pack(data, len(trials), trials[0].training)
+    for i, params in enumerate(trials):
+        pack.add(i, params)
+    t0 = time.perf_counter()
+    while pack.run_epoch():
+        pass
+    packed_s = time.perf_counter() - t0
+    tol = PACK_TOL[precision]
+    rows, alone_s = [], 0.0
+    for i, params in enumerate(trials):
+        t0 = time.perf_counter()
+        single = train(params, data)
+        alone_s += time.perf_counter() - t0
+        p, s = pack.result(i).history, single.history
+        e1 = {key: _rel(s[0][key], p[0][key]) for key in ("train_loss", "val_loss")}
+        acc = 100 * abs(p[-1]["val_accuracy"] - s[-1]["val_accuracy"])
+        rows.append({"trial": i, "optimizer": params.optimizer.name, "amsgrad": params.optimizer.amsgrad,
+                     "schedule": params.schedule.name, "clipping": params.clipping.mode,
+                     "epochs_packed": len(p), "epochs_alone": len(s),
+                     "epoch1_train_loss_rel": _round(e1["train_loss"]), "epoch1_val_loss_rel": _round(e1["val_loss"]),
+                     "epoch1_loss_rel_max": _round(max(e1.values())),
+                     "val_acc_packed": _round(p[-1]["val_accuracy"]), "val_acc_alone": _round(s[-1]["val_accuracy"]),
+                     "val_acc_diff_points": _round(acc),
+                     "passed": len(p) == len(s) and max(e1.values()) <= tol["loss_rtol"] and acc <= tol["acc_points"]})
+    return {"k": len(trials), "exact": pack.exact, "precision": precision, "tolerance": tol,
+            "passed": all(r["passed"] for r in rows), "packed_s": _round(packed_s), "alone_s": _round(alone_s),
+            "rows": rows}
+
+
+def _pack_k_row(k: int, data: Any, cuda: bool, *, model: str, bs: int, precision: str, dataset: str,
+                warmup: int, steps: int) -> dict[str, Any]:
+    """Seconds per packed step of K trials (after `warmup` steps), and the peak memory."""
+    import torch
+
+    from tuner.pack import Pack
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    trials = _pack_trials(k, model=model, batch_size=bs, epochs=1, precision=precision, dataset=dataset)
+    pack = Pack(data, k, trials[0].training)
+    for i, params in enumerate(trials):
+        pack.add(i, params)
+    try:
+        pack.probe(steps=warmup)  # its own first step, then `warmup` more: cuDNN's autotuning, the allocator
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pack.probe(steps=steps - 1)  # probe adds one untimed-by-it step: all `steps` are inside the events
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000 / steps
+        else:
+            seconds = pack.probe(steps=steps)
+        row: dict[str, Any] = {"k": k, "seconds_per_step": _round(seconds), "images_per_s": _round(k * bs / seconds)}
+        if cuda:
+            peak = torch.cuda.max_memory_allocated()
+            row.update(peak_memory_mb=_round(peak / 2**20), pack_memory_mb=_round((peak - base) / 2**20))
+        return row
+    finally:
+        del pack
+
+
+def part_pack(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[str, Any]:
+    """Trial packing (tuner/pack.py) on this device: K mixed trials packed against each alone, then
+    step throughput, FLOP/s and memory for K = 1, 4, 16, 64."""
+    import torch
+
+    from benchmarks.gpu import count_flops_per_image, peak_tflops
+    from tuner.data import load_dataset
+    from tuner.pack import _is_oom
+
+    device = _device(args)
+    cuda = device.type == "cuda"
+    if not cuda and not args.cpu_dry_run:
+        return {"skipped": "CUDA only (no CUDA device available)"}
+    if args.cpu_dry_run:
+        model, bs, precision, exact_spec, table_spec, ks, warmup, steps = (
+            "tiny", 32, "fp32", DRY_SPEC, DRY_SPEC, DRY_PACK_KS, 1, 2)
+    else:
+        model, bs, precision, exact_spec, table_spec, ks, warmup, steps = (
+            "fastcnn", BATCH, "bf16", KERNEL_SPEC, FULL_SPEC, PACK_KS, 3, 10)
+    out: dict[str, Any] = {"model": model, "batch_size": bs, "precision": precision}
+
+    # 1. exactness: 4 mixed trials, 2 epochs, packed against each alone
+    data = load_dataset(exact_spec, device)
+    log(f"pack: exactness, {len(PACK_MIX)} mixed {model} trials on {exact_spec}, {precision}, 2 epochs")
+    trials = _pack_trials(len(PACK_MIX), model=model, batch_size=bs, epochs=2, precision=precision,
+                          dataset=exact_spec)
+    try:
+        out["exactness"] = {"dataset": exact_spec, "train_images": len(data.y_train),
+                            **_pack_exactness(trials, data, precision)}
+    except Exception as exc:  # noqa: BLE001 - recorded; the K table still runs
+        out["exactness"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+    emit(out)
+    del data
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # 2. the K table
+    data = load_dataset(table_spec, device)
+    gflops = count_flops_per_image(model, device, bs, precision, data.num_classes) / 1e9
+    peak, _ = peak_tflops(torch.cuda.get_device_name(device)) if cuda else (None, "")
+    rows: list[dict[str, Any]] = []
+    out["k_table"] = {"dataset": table_spec, "warmup_steps": warmup + 1, "timed_steps": steps,
+                      "gflops_per_image": _round(gflops), "peak_bf16_tflops": peak,
+                      "timing": "CUDA events" if cuda else "time.perf_counter", "rows": rows}
+    one: float | None = None
+    last_s = 0.0
+    for k in ks:
+        need = 10 + 2.5 * last_s * (k / max(1, rows[-1]["k"])) if rows else 10
+        if _left(args) < need + 15:
+            rows.append({"k": k, "skipped": f"time box: {_left(args):.0f} s left, about {need:.0f} s needed"})
+            break
+        log(f"pack: K = {k}, {model} batch {bs}, {warmup + 1}+{steps} steps")
+        t0 = time.perf_counter()
+        try:
+            row = _pack_k_row(k, data, cuda, model=model, bs=bs, precision=precision, dataset=table_spec,
+                              warmup=warmup, steps=steps)
+        except Exception as exc:  # noqa: BLE001 - out of memory ends the table; anything else is recorded too
+            oom = _is_oom(exc) or "out of memory" in str(exc).lower()
+            rows.append({"k": k, "oom" if oom else "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            if cuda:
+                torch.cuda.empty_cache()
+            emit(out)
+            break
+        last_s = time.perf_counter() - t0
+        row["wall_s"] = _round(last_s)
+        rate = k / row["seconds_per_step"]
+        one = one or rate
+        tflops = row["images_per_s"] * gflops / 1e3
+        row.update(trials_per_hour_ratio=_round(rate / one), tflops=_round(tflops),
+                   mfu=_round(tflops / peak) if peak else None)
+        rows.append(row)
+        emit(out)
+    if any("error" in r for r in rows):
+        out["error"] = "; ".join(f"K={r['k']}: {r['error']}" for r in rows if "error" in r)
+
+    # 3. CUDA graphs for a pack's step
+    out["cuda_graphs"] = {"skipped": "not measured: Pack._step rebinds the stacked [K, ...] tensors into the "
+                                     "skeleton's modules and indexes per-slot schedule tables every step, so "
+                                     "torch.compile(mode='reduce-overhead') would need a static-input rewrite of "
+                                     "the step first; out of this part's time box"}
+    ex = out["exactness"]
+    if "error" in ex:
+        out["error"] = "; ".join(filter(None, [out.get("error"), f"exactness: {ex['error']}"]))
+    elif not ex["passed"]:
+        out["error"] = "; ".join(filter(None, [out.get("error"),
+                                               f"packed vs alone outside the {precision} tolerance {ex['tolerance']}"]))
+    return out
+
+
 PART_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Callable[[dict], None]], dict[str, Any]]] = {
     "env": part_env, "tests": part_tests, "graphs": part_graphs, "syncs_kernels": part_syncs_kernels,
-    "throughput": part_throughput,
+    "pack": part_pack, "throughput": part_throughput,
 }
 
 
@@ -606,6 +799,24 @@ def _summary(name: str, entry: dict[str, Any]) -> str:
         return (f"{r.get('unique_graphs_first_trial')} unique graphs after one compiled trial (last train batch "
                 f"{r.get('train_last_batch')}), +{r.get('graphs_added_by_second_trial')} from a second; "
                 f"{r.get('graph_breaks_first_trial')} graph breaks")
+    if name == "pack":
+        ex, kt = r.get("exactness") or {}, (r.get("k_table") or {}).get("rows", [])
+        bits = []
+        if "passed" in ex:
+            worst = max((x["epoch1_loss_rel_max"] for x in ex["rows"]), default=None)
+            acc = max((x["val_acc_diff_points"] for x in ex["rows"]), default=None)
+            bits.append(f"packed vs alone {'within' if ex['passed'] else 'OUTSIDE'} {ex['precision']} tolerance "
+                        f"(epoch-1 loss rel {_fmt(worst)}, val acc {_fmt(acc)} points)")
+        elif ex.get("error"):
+            bits.append(f"exactness: {ex['error']}")
+        done = [x for x in kt if "seconds_per_step" in x]
+        if done:
+            best = max(done, key=lambda x: x["trials_per_hour_ratio"])
+            bits.append(f"K = {', '.join(str(x['k']) for x in done)} measured; best {best['trials_per_hour_ratio']}x "
+                        f"trials/hour at K = {best['k']}")
+        bits += [f"K = {x['k']}: {x.get('oom') and 'out of memory' or x.get('skipped') or x.get('error')}"
+                 for x in kt if "seconds_per_step" not in x]
+        return "; ".join(bits) or entry.get("reason", "")
     text = entry.get("reason", "") if entry["status"] != "ok" else ""
     rows = r.get("rows", [])
     done = sum(1 for x in rows if "skipped" not in x and "error" not in x)
@@ -638,6 +849,34 @@ def markdown(report: dict[str, Any]) -> str:
         if peak:
             lines += [f"MFU is against the {peak['peak_part']} dense bf16 peak of {peak['peak_tflops']:g} TFLOP/s "
                       f"(benchmarks/gpu.py PEAKS); the 8192³ bf16 matmul reached {env.get('matmul_bf16_tflops')}.", ""]
+    pk = (parts.get("pack") or {}).get("result") or {}
+    ex = pk.get("exactness") or {}
+    if ex.get("rows"):
+        tol = ex["tolerance"]
+        lines += [f"## Trial packing: {ex['k']} mixed trials packed vs each alone ({pk.get('model')}, "
+                  f"{ex['precision']}, exact={ex['exact']}, {ex.get('train_images')} training images, 2 epochs)", ""]
+        lines += _table(
+            ["trial", "optimizer", "amsgrad", "schedule", "clipping", "epoch-1 train loss rel", "epoch-1 val loss rel",
+             "val acc packed", "val acc alone", "diff (points)", "passed"],
+            [[x["trial"], x["optimizer"], x["amsgrad"], x["schedule"], x["clipping"], x["epoch1_train_loss_rel"],
+              x["epoch1_val_loss_rel"], x["val_acc_packed"], x["val_acc_alone"], x["val_acc_diff_points"],
+              x["passed"]] for x in ex["rows"]])
+        lines += [f"Tolerance: epoch-1 losses within {tol['loss_rtol']:g} relative, val accuracy within "
+                  f"{tol['acc_points']:g} points; packed {ex['packed_s']} s, alone {ex['alone_s']} s in all.", ""]
+    kt = pk.get("k_table") or {}
+    if kt.get("rows"):
+        lines += [f"## Trial packing: K trials per step ({pk.get('model')}, batch {pk.get('batch_size')}, "
+                  f"{kt['timed_steps']} timed steps after {kt['warmup_steps']}, {kt['timing']})", ""]
+        lines += _table(
+            ["K", "s/step", "img/s (all slots)", "trials/hour vs K=1", "TFLOP/s", "MFU", "peak mem MB",
+             "pack mem MB", "note"],
+            [[x["k"], x.get("seconds_per_step"), x.get("images_per_s"), x.get("trials_per_hour_ratio"),
+              x.get("tflops"), x.get("mfu"), x.get("peak_memory_mb"), x.get("pack_memory_mb"),
+              x.get("oom") or x.get("skipped") or x.get("error") or ""] for x in kt["rows"]])
+        lines += [f"FLOPs: {kt['gflops_per_image']} GFLOP per image (forward + backward of one model, "
+                  "torch.utils.flop_counter; the optimizer step is not counted); MFU against "
+                  f"{kt.get('peak_bf16_tflops') or '–'} TFLOP/s bf16. CUDA graphs: "
+                  f"{(pk.get('cuda_graphs') or {}).get('skipped', '–')}", ""]
     sk = (parts.get("syncs_kernels") or {}).get("result") or {}
     if sk.get("rows"):
         lines += ["## Syncs per epoch and kernels per step", ""]

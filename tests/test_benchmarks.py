@@ -177,7 +177,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = report["parts"]
-    assert list(parts) == ["env", "tests", "graphs", "syncs_kernels", "throughput"]
+    assert list(parts) == ["env", "tests", "graphs", "syncs_kernels", "pack", "throughput"]
     assert report["meta"]["cpu_dry_run"] is True and report["meta"]["failed_parts"] == []
     assert parts["env"]["status"] == "ok" and parts["env"]["result"]["torch"] == torch.__version__
     assert parts["env"]["result"]["packages"]["optuna"]
@@ -193,6 +193,9 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert eager["model"] == "tiny" and eager["images_per_s"] > 0 and eager["gflops_per_image"] > 0
     assert eager["images_per_epoch"] == parts["throughput"]["result"]["train_images"]
     assert "CUDA only" in compiled["skipped"]
+    pack = parts["pack"]["result"]
+    assert parts["pack"]["status"] == "ok" and pack["exactness"]["passed"] and len(pack["exactness"]["rows"]) == 4
+    assert [r["k"] for r in pack["k_table"]["rows"]] == [1, 2] and pack["k_table"]["rows"][1]["images_per_s"] > 0
     md = (tmp_path / "gpu_check.md").read_text()
     assert md in run.stdout and "| part | status |" in md and "| tiny | no | 64 |" in md
     assert (tmp_path / "gpu_check.log").is_file()
@@ -212,7 +215,7 @@ def test_gpu_check_sh_runs_the_script_and_records_the_skipped_install(tmp_path):
 def test_gpu_check_parts_and_arguments(capsys):
     from benchmarks.gpu_check import PARTS, parse_args
 
-    assert [p[0] for p in PARTS] == ["env", "tests", "graphs", "syncs_kernels", "throughput"]
+    assert [p[0] for p in PARTS] == ["env", "tests", "graphs", "syncs_kernels", "pack", "throughput"]
     args = parse_args(["--only", "env,throughput", "--models", "fastcnn,resnet18"])
     assert args.only == {"env", "throughput"} and args.models == ["fastcnn", "resnet18"]
     for bad in (["--only", "warp"], ["--models", "alexnet"], ["--part", "env"]):

@@ -368,6 +368,10 @@ class TcpProxy:
 
     def down(self) -> None:
         if self._server is not None:
+            try:  # wakes the accept() blocked on it: close() alone leaves that accept() taking connections
+                self._server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._server.close()
             self._server = None
         with self._lock:
@@ -404,7 +408,7 @@ def test_database_down_past_the_retry_bound_exits_1_then_the_study_recovers(tmp_
         assert again.wait(120) == 0, again.output()
         ts = assert_study_done(url, name, 2)
         resumed = [t for t in ts if t.user_attrs.get("resumed_from_epoch")]
-        assert resumed and resumed[0].user_attrs["resumed_from_epoch"] >= 1
+        assert resumed and resumed[0].user_attrs["resumed_from_epoch"] >= 1, (again.output(), [(t.number, t.state, t.user_attrs.get("checkpoint"), t.system_attrs) for t in ts])
     finally:
         proxy.down()
 
