@@ -254,23 +254,8 @@ class PackedLoop:
 
     def tell(self, run: _Run, outcome: Outcome) -> None:
         """worker.run_one's tell: attrs, the state, the finished trial's checkpoint file, the callback."""
-        w, trial = self.w, run.trial
         try:
-            try:
-                for key, value in outcome.attrs.items():
-                    w.retry(functools.partial(trial.set_user_attr, key, value))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                w._taken_over(trial)
-                return
-            values = outcome.value if outcome.state == TrialState.COMPLETE else None
-            told = w.retry(lambda: w.study.tell(trial, values, state=outcome.state, skip_if_finished=True))
-            if told.state != outcome.state:
-                w._taken_over(trial)
-                return
-            if outcome.checkpoint is not None and w.store is not None:
-                w.store.remove(outcome.checkpoint)
-            w.ran += 1
-            w._finished(trial, told)
+            self.w.tell_outcome(run.trial, outcome)
         finally:
             self.release(run)
 

@@ -371,24 +371,29 @@ class Worker:
             except optuna.exceptions.UpdateFinishedTrialError:
                 self._taken_over(trial)
                 return
-            try:
-                for key, value in outcome.attrs.items():
-                    self.retry(functools.partial(trial.set_user_attr, key, value))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                self._taken_over(trial)
-                return
-            values = outcome.value if outcome.state == TrialState.COMPLETE else None
-            told = self.retry(lambda: self.study.tell(trial, values, state=outcome.state, skip_if_finished=True))
-            if told.state != outcome.state:
-                self._taken_over(trial)
-                return
-            if outcome.checkpoint is not None and self.store is not None:
-                self.store.remove(outcome.checkpoint)
-            self.ran += 1
-            self._finished(trial, told)
+            self.tell_outcome(trial, outcome)
         finally:
             self.heartbeat.remove(tid)
             self.running.pop(trial.number, None)
+
+    def tell_outcome(self, trial: optuna.Trial, outcome: Any) -> None:
+        """Record a finished trial's attrs and tell its state (objective.Outcome); then delete its
+        checkpoint file and count it. A trial another worker failed meanwhile is left to its retry."""
+        try:
+            for key, value in outcome.attrs.items():
+                self.retry(functools.partial(trial.set_user_attr, key, value))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self._taken_over(trial)
+            return
+        values = outcome.value if outcome.state == TrialState.COMPLETE else None
+        told = self.retry(lambda: self.study.tell(trial, values, state=outcome.state, skip_if_finished=True))
+        if told.state != outcome.state:
+            self._taken_over(trial)
+            return
+        if outcome.checkpoint is not None and self.store is not None:
+            self.store.remove(outcome.checkpoint)
+        self.ran += 1
+        self._finished(trial, told)
 
     def use_sampler(self, lease: Lease) -> None:
         """Sample `lease`'s trial with the study's sampler; a staged trial with `PartialFixedSampler(fixed,
