@@ -52,6 +52,36 @@ class Outcome:
     checkpoint: str | None = None  # the trial's checkpoint file, to delete once it is told
 
 
+def finished(how: str, result: Any, started: float, checkpoint_id: str | None, keep: str) -> Outcome:
+    """How a trained trial ends: `how` is "completed", "stopped" (pruned) or "diverged"; `result` a
+    train.TrainResult (or a pack slot's). Also the packed loop's (packed.py)."""
+    attrs: dict[str, Any] = {keys.SECONDS: time.perf_counter() - started, keys.HISTORY: result.history,
+                             keys.EPOCHS: result.epochs}
+    if how == "diverged":
+        attrs.update({keys.DIVERGED: True, keys.DIVERGED_AT: result.diverged_at})
+        epoch = (result.diverged_at or {}).get("epoch")
+        outcome = Outcome(TrialState.PRUNED, note=f"diverged at epoch {epoch}", attrs=attrs)
+    elif how == "stopped":
+        outcome = Outcome(TrialState.PRUNED, note=f"pruned at epoch {result.epochs}", attrs=attrs)
+    else:
+        assert result.val_accuracy is not None
+        outcome = Outcome(TrialState.COMPLETE, value=float(result.val_accuracy), attrs=attrs)
+    if checkpoint_id is not None and not (outcome.state == TrialState.COMPLETE and keep == "best"):
+        # nothing resumes a finished trial: the worker deletes its checkpoint file once the trial is
+        # told. The attr stays: a worker that dies before its tell leaves a RUNNING trial whose retry
+        # must still find the last checkpoint (a dangling attr on a finished trial costs a `stat`).
+        outcome.checkpoint = checkpoint_id
+    return outcome
+
+
+def failed(exc: BaseException, started: float) -> Outcome:
+    """A trial whose training raised: FAIL, with the reason (passwords redacted) in the user attr `error`."""
+    from .errors import redact
+
+    return Outcome(TrialState.FAIL, note=f"{type(exc).__name__}: {exc}", attrs={
+        keys.ERROR: redact(f"{type(exc).__name__}: {exc}")[:2000], keys.SECONDS: time.perf_counter() - started})
+
+
 def _warn(message: str) -> None:
     import sys
 
@@ -134,34 +164,16 @@ class Objective:
         except (GracefulStop, KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError):
             raise
         except Exception as exc:  # noqa: BLE001 - the trial fails, the sweep goes on
-            from .errors import StorageError, redact
+            from .errors import StorageError
 
             if isinstance(exc, StorageError):
                 raise
-            return Outcome(TrialState.FAIL, note=f"{type(exc).__name__}: {exc}", attrs={
-                keys.ERROR: redact(f"{type(exc).__name__}: {exc}")[:2000],
-                keys.SECONDS: time.perf_counter() - started})
+            return failed(exc, started)
         finally:
             for p in (local, self._tmp / f"resume-{trial.number}.pt"):
                 p.unlink(missing_ok=True)
 
-        attrs: dict[str, Any] = {keys.SECONDS: time.perf_counter() - started, keys.HISTORY: result.history,
-                                 keys.EPOCHS: result.epochs}
-        if result.outcome == "diverged":
-            attrs.update({keys.DIVERGED: True, keys.DIVERGED_AT: result.diverged_at})
-            epoch = (result.diverged_at or {}).get("epoch")
-            outcome = Outcome(TrialState.PRUNED, note=f"diverged at epoch {epoch}", attrs=attrs)
-        elif result.outcome == "stopped":
-            outcome = Outcome(TrialState.PRUNED, note=f"pruned at epoch {result.epochs}", attrs=attrs)
-        else:
-            assert result.val_accuracy is not None
-            outcome = Outcome(TrialState.COMPLETE, value=float(result.val_accuracy), attrs=attrs)
-        if saved["id"] is not None and not (outcome.state == TrialState.COMPLETE and self.policy.keep == "best"):
-            # nothing resumes a finished trial: the worker deletes its checkpoint file once the trial is
-            # told. The attr stays: a worker that dies before its tell leaves a RUNNING trial whose retry
-            # must still find the last checkpoint (a dangling attr on a finished trial costs a `stat`).
-            outcome.checkpoint = saved["id"]
-        return outcome
+        return finished(result.outcome, result, started, saved["id"], self.policy.keep)
 
     def _judged_from(self, params: Any) -> int:
         """The first epoch the pruner is asked about: 1, or with schedule-aware pruning the first

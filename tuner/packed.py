@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import keys
-from .objective import Outcome
+from .objective import Outcome, failed, finished
 from .space import suggest
 
 if TYPE_CHECKING:
@@ -228,29 +228,11 @@ class PackedLoop:
 
     def finish(self, run: _Run, how: str) -> None:
         """Tell a trial that completed, was pruned ("stopped") or diverged, as objective.py words it."""
-        result = self.pack.result(run.trial.number)
-        attrs: dict[str, Any] = {keys.SECONDS: time.perf_counter() - run.started, keys.HISTORY: result.history,
-                                 keys.EPOCHS: result.epochs}
-        if how == "diverged":
-            attrs.update({keys.DIVERGED: True, keys.DIVERGED_AT: result.diverged_at})
-            epoch = (result.diverged_at or {}).get("epoch")
-            outcome = Outcome(TrialState.PRUNED, note=f"diverged at epoch {epoch}", attrs=attrs)
-        elif how == "stopped":
-            outcome = Outcome(TrialState.PRUNED, note=f"pruned at epoch {result.epochs}", attrs=attrs)
-        else:
-            assert result.val_accuracy is not None
-            outcome = Outcome(TrialState.COMPLETE, value=float(result.val_accuracy), attrs=attrs)
-        saved = run.saved["id"]
-        if saved is not None and not (outcome.state == TrialState.COMPLETE and self.objective.policy.keep == "best"):
-            outcome.checkpoint = saved
-        self.tell(run, outcome)
+        self.tell(run, finished(how, self.pack.result(run.trial.number), run.started, run.saved["id"],
+                                self.objective.policy.keep))
 
     def fail(self, run: _Run, exc: Exception) -> None:
-        from .errors import redact
-
-        self.tell(run, Outcome(TrialState.FAIL, note=f"{type(exc).__name__}: {exc}", attrs={
-            keys.ERROR: redact(f"{type(exc).__name__}: {exc}")[:2000],
-            keys.SECONDS: time.perf_counter() - run.started}))
+        self.tell(run, failed(exc, run.started))
 
     def tell(self, run: _Run, outcome: Outcome) -> None:
         """worker.run_one's tell: attrs, the state, the finished trial's checkpoint file, the callback."""
