@@ -20,7 +20,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10-subset.npz"
+# The real CIFAR-10 subset does not ship with the project: it sits beside the clone in the
+# development checkout (../shared), or wherever TUNER_SUBSET points.
+SUBSET = Path(os.environ.get("TUNER_SUBSET")
+              or ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10-subset.npz")
 
 Value = float | int | str | bool | None
 

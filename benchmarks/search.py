@@ -30,6 +30,11 @@ and `search-table.md` into --out. The last line of stdout is one JSON object hol
     winner test    the test accuracy of the strategy's exported winner (its best trial over all
                    seeds, through `tuner.export_best`), re-trained from scratch on 3 new seeds
 
+The default `--dataset` is the real CIFAR-10 subset, which does not ship with the project
+(`../shared/data/cifar10-subset/cifar10-subset.npz` beside the clone, or `TUNER_SUBSET`): without
+it the script exits 2 with one line saying so; `--dataset synthetic` or any `.npz` in the subset's
+layout runs anywhere. Arguments are checked before the data.
+
 Quick mode (`--quick`): 12 trials of 3 epochs, 3 seeds (about 15 minutes on 2 idle cores).
 Full mode: 24 trials of 4 epochs, 5 seeds. `--smoke` is for the test suite: synthetic data, 1 seed,
 a few 1-epoch trials; its figures mean nothing.
@@ -300,19 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few 1-epoch trials on synthetic data (for tests)")
     ap.add_argument("--seeds", type=int, default=None, help="sampler seeds per strategy")
     ap.add_argument("--only", default=None, help="comma-separated strategies")
-    ap.add_argument("--dataset", default=str(SUBSET), help="the real subset (.npz)")
+    ap.add_argument("--dataset", default=None,
+                    help=f"an .npz in the subset's layout, or synthetic (default: the real CIFAR-10 subset, {SUBSET})")
     ap.add_argument("--out", default="search-results", help="folder for search-curves.html and search-table.md")
     args = ap.parse_args(argv)
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    mode = modes(args.dataset)[mode_name]
+    mode = modes(args.dataset or str(SUBSET))[mode_name]
     if args.seeds is not None:
         if args.seeds < 1:
             print("error: --seeds must be >= 1", file=sys.stderr)
             return 2
         mode = replace(mode, seeds=args.seeds)
-    if mode.dataset != "synthetic" and not Path(mode.dataset).is_file():
-        print(f"error: --dataset {mode.dataset}: no such file (the real CIFAR-10 subset .npz)", file=sys.stderr)
-        return 2
     chosen = strategies(mode)
     if args.only:
         wanted = [s.strip() for s in args.only.split(",")]
@@ -321,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --only: unknown strategy {unknown[0]!r} (valid: {', '.join(chosen)})", file=sys.stderr)
             return 2
         chosen = {k: v for k, v in chosen.items() if k in wanted}
+    # the data is checked after every argument: a typo in --only is reported on any machine
+    if mode.dataset != "synthetic" and not Path(mode.dataset).is_file():
+        where = ("the real CIFAR-10 subset is not on this machine; pass --dataset FILE.npz or --dataset synthetic"
+                 if args.dataset is None else "no such file")
+        print(f"error: --dataset {mode.dataset}: {where}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = load_average()

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10-subset.npz"
+# The real CIFAR-10 subset is not part of the project: ../shared beside the clone, or TUNER_SUBSET.
+SUBSET = Path(os.environ.get("TUNER_SUBSET")
+              or ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10-subset.npz")
 PG_ADMIN_URL = os.environ.get("TUNER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 

@@ -5,6 +5,7 @@ and its curves must be what they claim (best so far against cumulative epochs). 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,9 +61,16 @@ def test_smoke_run_of_every_strategy(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    for args, says in ((["--only", "nope"], "unknown strategy 'nope'"), (["--seeds", "0"], "--seeds"),
-                       (["--dataset", str(tmp_path / "gone.npz")], "gone.npz")):
+    """Arguments are checked before the data, and on a machine without the real subset (TUNER_SUBSET
+    pointing nowhere, as on a clone with no ../shared) the default dataset is one clear line too."""
+    missing = str(tmp_path / "no-subset.npz")
+    cases = ((["--only", "nope"], "unknown strategy 'nope'"), (["--seeds", "0"], "--seeds"),
+             (["--dataset", str(tmp_path / "gone.npz")], "gone.npz: no such file"),
+             ([], "no-subset.npz: the real CIFAR-10 subset is not on this machine; pass --dataset"))
+    for args, says in cases:
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), *args], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TUNER_SUBSET": missing})
         assert run.returncode == 2 and says in run.stderr, (args, run.stderr)
         assert len(run.stderr.strip().splitlines()) == 1
+        assert not list(tmp_path.glob("search-results*")), "nothing is written on bad input"
