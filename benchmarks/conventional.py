@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tuner.data import DeviceData
+from tuner.training.data import DeviceData
 
 
 class ConventionalCIFAR(Dataset):

@@ -81,9 +81,9 @@ class Context:
         return quick if self.quick else full
 
     @property
-    def data(self):  # -> tuner.data.DeviceData
+    def data(self):  # -> tuner.training.data.DeviceData
         if self._data is None:
-            from tuner.data import load_dataset
+            from tuner.training.data import load_dataset
 
             log(f"loading dataset {self.dataset} onto {self.device}")
             self._data = load_dataset(self.dataset, self.device)
@@ -93,15 +93,15 @@ class Context:
         """One untimed engine epoch per run (both batch shapes, validation included), so the first
         timed round does not pay one-off costs: kernel/primitive selection, allocator growth."""
         if not self._warm:
-            from tuner.train import train
+            from tuner.training.train import train
 
             log("warm-up: one untimed train() epoch")
             train(self.params(epochs=1), self.data)
             self._warm = True
 
-    def params(self, **training: Any):  # -> tuner.params.TrialParams
+    def params(self, **training: Any):  # -> tuner.study.params.TrialParams
         """The default trial params (what `tuner train` uses without overrides) on this run's dataset."""
-        from tuner.params import TrialParams
+        from tuner.study.params import TrialParams
 
         return TrialParams().with_training(dataset=self.dataset, **training)
 

@@ -3,7 +3,7 @@ TFLOP/s against the device's dense bf16 peak, peak GPU memory, and the wall time
 trial on full CIFAR-10. On a machine without CUDA (or with --device cpu) they are skipped with a
 reason and report null.
 
-The throughput is that of `tuner.train.train` itself, in steady state: one call trains
+The throughput is that of `tuner.training.train.train` itself, in steady state: one call trains
 `warmup + timed` epochs of the full-size training set (`synthetic:50000`: 45,000 training images,
 no download), and each timed epoch runs from the end of the previous epoch (its `on_epoch`
 callback) to the epoch's last optimizer step, read off CUDA events recorded on the stream (no
@@ -124,8 +124,8 @@ def peak_tflops(device_name: str) -> tuple[float | None, str]:
 # ---------------------------------------------------------------------------------------------
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype `tuner.train` uses for this device and precision (None: fp32)."""
-    from tuner.train import device_settings
+    """The autocast dtype `tuner.training.train` uses for this device and precision (None: fp32)."""
+    from tuner.training.train import device_settings
 
     try:
         return device_settings(device, precision).autocast_dtype
@@ -144,7 +144,7 @@ def count_flops_per_image(model_name: str, device: torch.device, batch_size: int
     image. The global RNG is left as it was."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tuner.models import build_model
+    from tuner.training.models import build_model
 
     with torch.random.fork_rng(devices=[]):  # the model is built on the CPU, from the CPU generator
         model = build_model(model_name, num_classes).to(device).to(memory_format=torch.channels_last)
@@ -213,12 +213,12 @@ def _median_and_spread(xs: list[float]) -> tuple[float, float]:
 def training_throughput(data: Any, model: str = "fastcnn", *, batch_size: int = 512, compile: bool = False,
                         warmup_epochs: int = 1, epochs: int = 3, precision: str = "auto", seed: int = 0,
                         gflops_per_image: float | None = None) -> dict[str, Any]:
-    """Steady-state images/s of one `tuner.train.train` call on `data` (a `DeviceData`, already on
+    """Steady-state images/s of one `tuner.training.train.train` call on `data` (a `DeviceData`, already on
     its device): `warmup_epochs + epochs` epochs, the last `epochs` timed (see the module
     docstring), with the achieved TFLOP/s, MFU against the device's dense bf16 peak (when the run
     is in bf16 on a part in the table), and the peak memory allocated (dataset included)."""
-    from tuner.params import TrialParams
-    from tuner.train import train
+    from tuner.study.params import TrialParams
+    from tuner.training.train import train
 
     if warmup_epochs < 1 or epochs < 1:
         raise ValueError("need at least one warm-up and one timed epoch")
@@ -279,11 +279,11 @@ def _no_cuda(ctx: Context) -> str | None:
     return None
 
 
-def full_size_data(ctx: Context):  # -> tuner.data.DeviceData
+def full_size_data(ctx: Context):  # -> tuner.training.data.DeviceData
     """Full CIFAR-10 when that is the run's dataset, else `synthetic:50000` (same size, no download)."""
     if ctx.dataset == "cifar10":
         return ctx.data
-    from tuner.data import load_dataset
+    from tuner.training.data import load_dataset
 
     log(f"loading {FULL_SIZE_SPEC} onto {ctx.device} (full-size training set for the throughput figures)")
     return load_dataset(FULL_SIZE_SPEC, ctx.device)
@@ -314,7 +314,7 @@ def _note(r: dict[str, Any]) -> str:
 
 
 def cuda_throughput(ctx: Context) -> Measurement:
-    """Steady-state images/s of `tuner.train.train` (eager) on full-size data, its TFLOP/s, MFU
+    """Steady-state images/s of `tuner.training.train.train` (eager) on full-size data, its TFLOP/s, MFU
     against the device's dense bf16 peak, and the peak memory allocated."""
     reason = _no_cuda(ctx)
     if reason:
@@ -347,10 +347,10 @@ def cuda_full_trial(ctx: Context) -> Measurement:
     reason = _no_cuda(ctx)
     if reason:
         return Measurement(values={"cuda_trial_seconds": None}, skipped=reason)
-    from tuner.data import default_data_dir, load_cifar10, load_dataset
     from tuner.errors import DataError
-    from tuner.params import TrialParams
-    from tuner.train import train
+    from tuner.study.params import TrialParams
+    from tuner.training.data import default_data_dir, load_cifar10, load_dataset
+    from tuner.training.train import train
 
     data_dir = default_data_dir()
     try:

@@ -15,7 +15,7 @@ time is recorded and the next one runs):
                  and how many a second trial adds (should be 0)
   syncs_kernels  host syncs per epoch (torch.cuda.set_sync_debug_mode("warn")) and, from
                  torch.profiler, CUDA kernels (and aten ops) per training step; eager and compiled
-  pack           trial packing (tuner/pack.py): 4 mixed trials packed against each alone (bf16, 2 epochs,
+  pack           trial packing (tuner/packing/pack.py): 4 mixed trials packed against each alone (bf16, 2 epochs,
                  epoch-1 losses and final val accuracy within a stated tolerance), then images/s,
                  trials-per-hour ratio, TFLOP/s, MFU and peak memory of a packed step for K = 1, 4, 16, 64
   throughput     steady-state images/s, TFLOP/s, MFU and peak memory of train() epochs
@@ -106,7 +106,7 @@ def _device(args: argparse.Namespace):
 
 
 def _params(**training: Any):
-    from tuner.params import TrialParams
+    from tuner.study.params import TrialParams
 
     return TrialParams().with_training(**training)
 
@@ -237,8 +237,8 @@ def part_graphs(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[
         return {"skipped": f"{reason}: train() compiles on CUDA only"}
     from torch._dynamo.utils import counters
 
-    from tuner.data import load_dataset
-    from tuner.train import train
+    from tuner.training.data import load_dataset
+    from tuner.training.train import train
 
     data = load_dataset(FULL_SPEC, _device(args))
     n_train, n_val = len(data.y_train), len(data.y_val)
@@ -279,7 +279,7 @@ def count_syncs(params: Any, data: Any) -> list[int]:
 
     import torch
 
-    from tuner.train import train
+    from tuner.training.train import train
 
     marks: list[int] = []
     torch.cuda.synchronize()
@@ -304,7 +304,7 @@ def count_kernels(params: Any, data: Any) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tuner.train import train
+    from tuner.training.train import train
 
     cuda = data.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -370,7 +370,7 @@ def _profiler_events(prof: Any) -> tuple[list[tuple[str, str]], str]:
 
 
 def part_syncs_kernels(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[str, Any]:
-    from tuner.data import load_dataset
+    from tuner.training.data import load_dataset
 
     device = _device(args)
     cuda = device.type == "cuda"
@@ -409,7 +409,7 @@ def part_syncs_kernels(args: argparse.Namespace, emit: Callable[[dict], None]) -
 
 def part_throughput(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[str, Any]:
     from benchmarks.gpu import count_flops_per_image, training_throughput
-    from tuner.data import load_dataset
+    from tuner.training.data import load_dataset
 
     device = _device(args)
     cuda = device.type == "cuda"
@@ -468,7 +468,7 @@ PACK_KS, DRY_PACK_KS = (1, 4, 16, 64), (1, 2)
 def _pack_trials(k: int, *, model: str, batch_size: int, epochs: int, precision: str,
                  dataset: str) -> list[Any]:
     """K trials of one study: PACK_MIX's configurations in turn, seeds 0..K-1."""
-    from tuner.params import parse_params
+    from tuner.study.params import parse_params
 
     return [parse_params({**PACK_MIX[i % len(PACK_MIX)],
                           "training": {"model": model, "epochs": epochs, "batch_size": batch_size, "seed": i,
@@ -482,8 +482,8 @@ def _rel(a: float, b: float) -> float:
 
 def _pack_exactness(trials: list[Any], data: Any, precision: str) -> dict[str, Any]:
     """The K trials packed (Pack's default: exact on the CPU, not on CUDA) against each alone."""
-    from tuner.pack import Pack
-    from tuner.train import train
+    from tuner.packing.pack import Pack
+    from tuner.training.train import train
 
     pack = Pack(data, len(trials), trials[0].training)
     for i, params in enumerate(trials):
@@ -519,7 +519,7 @@ def _pack_k_row(k: int, data: Any, cuda: bool, *, model: str, bs: int, precision
     """Seconds per packed step of K trials (after `warmup` steps), and the peak memory."""
     import torch
 
-    from tuner.pack import Pack
+    from tuner.packing.pack import Pack
 
     if cuda:
         torch.cuda.synchronize()
@@ -551,13 +551,13 @@ def _pack_k_row(k: int, data: Any, cuda: bool, *, model: str, bs: int, precision
 
 
 def part_pack(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[str, Any]:
-    """Trial packing (tuner/pack.py) on this device: K mixed trials packed against each alone, then
+    """Trial packing (tuner/packing/pack.py) on this device: K mixed trials packed against each alone, then
     step throughput, FLOP/s and memory for K = 1, 4, 16, 64."""
     import torch
 
     from benchmarks.gpu import count_flops_per_image, peak_tflops
-    from tuner.data import load_dataset
-    from tuner.pack import _is_oom
+    from tuner.packing.pack import _is_oom
+    from tuner.training.data import load_dataset
 
     device = _device(args)
     cuda = device.type == "cuda"
@@ -1017,7 +1017,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from tuner.models import MODELS
+    from tuner.training.models import MODELS
 
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]

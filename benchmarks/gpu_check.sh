@@ -105,9 +105,9 @@ if [ "$install_only" = 1 ]; then
     grep -q '^install status: \(ok\|partial\)' "$install_log"
     exit $?
 fi
-if ! "$PY" -c 'import tuner.train' >/dev/null 2>&1; then
+if ! "$PY" -c 'import tuner.training.train' >/dev/null 2>&1; then
     export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -c 'import tuner.train' || { echo "[gpu_check.sh] tuner.train does not import" >&2; exit 3; }
+    "$PY" -c 'import tuner.training.train' || { echo "[gpu_check.sh] tuner.training.train does not import" >&2; exit 3; }
 fi
 
 budget="${GPU_CHECK_BUDGET_S:-450}"

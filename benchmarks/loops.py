@@ -15,10 +15,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from tuner.data import DeviceData, train_batches
-from tuner.optim import build_optimizer
-from tuner.params import TrialParams
-from tuner.train import DeviceSettings, device_settings, initial_model, train
+from tuner.study.params import TrialParams
+from tuner.training.data import DeviceData, train_batches
+from tuner.training.optim import build_optimizer
+from tuner.training.train import DeviceSettings, device_settings, initial_model, train
 
 from .core import sync
 
@@ -29,7 +29,7 @@ def settings_for(params: TrialParams, device: torch.device) -> DeviceSettings:
 
 
 def fresh_model(params: TrialParams, data: DeviceData) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Model and optimizer as `tuner.train.train` builds them (without torch.compile), with the
+    """Model and optimizer as `tuner.training.train.train` builds them (without torch.compile), with the
     backend flags of the run's precision set (TF32 off for fp32) as `train()` sets them."""
     device = data.device
     settings = settings_for(params, device)
@@ -60,7 +60,7 @@ def staged_batches(data: DeviceData, batch_size: int, seed: int = 0) -> list[tup
 
 
 def engine_epoch_seconds(params: TrialParams, data: DeviceData) -> float:
-    """Wall time of one epoch of `tuner.train.train` itself: from the call (model and optimizer
+    """Wall time of one epoch of `tuner.training.train.train` itself: from the call (model and optimizer
     construction included) to the end of the epoch's last optimizer step. The validation pass
     that follows the last step is not counted."""
     device = data.device

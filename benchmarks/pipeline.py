@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tuner.data import train_batches
+from tuner.training.data import train_batches
 
 from .conventional import conventional_dataset, conventional_loader
 from .core import (
@@ -37,7 +37,7 @@ def _precision_name(params, device) -> str:
 
 
 def pipeline_efficiency(ctx: Context) -> Measurement:
-    """images/s of `tuner.train.train` (batches from train_batches: whole-dataset augmentation,
+    """images/s of `tuner.training.train.train` (batches from train_batches: whole-dataset augmentation,
     normalisation, then forward, backward, gradient-norm stats, lr schedule, divergence check,
     Adam step) ÷ images/s of a bare step loop (forward, backward, Adam step) over the same
     batches pre-staged as float tensors. Same model, optimizer, batch size, precision; the
@@ -167,7 +167,7 @@ def pipeline_cost_ratio(ctx: Context) -> Measurement:
 
 
 def speedup_vs_naive(ctx: Context) -> Measurement:
-    """Whole-epoch throughput of `tuner.train.train` ÷ that of a plain `for x, y in loader: step`
+    """Whole-epoch throughput of `tuner.training.train.train` ÷ that of a plain `for x, y in loader: step`
     loop (same model, precision, optimizer) fed by the conventional DataLoader, the better of
     num_workers 0 and 2 (with 2 workers they compete with training for the 2 cores)."""
     ctx.warm_up()

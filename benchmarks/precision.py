@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tuner.train import train
+from tuner.training.train import train
 
 from .core import (
     Context,

@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_context(args: argparse.Namespace) -> Context:
     from tuner.errors import TunerError
-    from tuner.train import resolve_device
+    from tuner.training.train import resolve_device
 
     try:
         device = resolve_device(args.device)

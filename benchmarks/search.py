@@ -137,10 +137,10 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
             warm_source: tuple[str, str] | None) -> Run:
     from optuna.trial import TrialState
 
-    from tuner.config import parse_study
-    from tuner.sweep import run_sweep
-    from tuner.warmstart import WarmStart
-    from tuner.worker import WorkerOptions
+    from tuner.engine.sweep import run_sweep
+    from tuner.engine.warmstart import WarmStart
+    from tuner.engine.worker import WorkerOptions
+    from tuner.study.config import parse_study
 
     name = f"{strategy.replace('+', '-').replace('/', '-')}-s{seed}"
     data = {**base_study(mode, name), **{k: v for k, v in change.items() if k != "warm"}}
@@ -168,9 +168,9 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
 
 def warm_source_study(mode: Mode, folder: Path) -> tuple[str, str]:
     """A finished study on `synthetic` data, same space: what a user tuned before on other data."""
-    from tuner.config import parse_study
-    from tuner.sweep import run_sweep
-    from tuner.worker import WorkerOptions
+    from tuner.engine.sweep import run_sweep
+    from tuner.engine.worker import WorkerOptions
+    from tuner.study.config import parse_study
 
     data = {**base_study(mode, "warm-source"), "dataset": "synthetic", "n_trials": mode.trials}
     url = f"sqlite:///{folder / 'warm-source.db'}"
@@ -201,10 +201,10 @@ def retrain_winner(runs: list[Run]) -> dict[str, Any]:
     import optuna
 
     import tuner
-    from tuner.data import load_dataset
-    from tuner.params import parse_params
-    from tuner.storage import open_storage
-    from tuner.train import train
+    from tuner.storage.database import open_storage
+    from tuner.study.params import parse_params
+    from tuner.training.data import load_dataset
+    from tuner.training.train import train
 
     finished = [r for r in runs if r.best is not None]
     if not finished:

@@ -40,9 +40,9 @@ def make_study(url: str, name: str = STUDY, trials: int = 8) -> None:
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from tuner import keys
-    from tuner.config import parse_study
-    from tuner.params import TrialParams
+    from tuner.storage import keys
+    from tuner.study.config import parse_study
+    from tuner.study.params import TrialParams
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = parse_study({"name": name, "dataset": "synthetic", "model": "tiny", "epochs": 4, "batch_size": 128,

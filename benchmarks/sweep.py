@@ -235,11 +235,11 @@ def replay_pruning(trials: list[optuna.trial.FrozenTrial], epochs: int, aware: b
     run, and the points of best accuracy lost."""
     import warnings
 
-    from tuner.data import load_dataset
-    from tuner.optim import first_judged_epoch
-    from tuner.params import parse_params
-    from tuner.registry import build_pruner
-    from tuner.train import epoch_steps
+    from tuner.study.params import parse_params
+    from tuner.study.registry import build_pruner
+    from tuner.training.data import load_dataset
+    from tuner.training.optim import first_judged_epoch
+    from tuner.training.train import epoch_steps
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=build_pruner("median", {}, epochs))

@@ -267,10 +267,10 @@ def snapshot(ws: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def base_workspace(tmp_path_factory) -> Path:
-    from tuner.config import parse_study
-    from tuner.settings import artifact_dir
-    from tuner.storage import StorageURL
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.storage.database import StorageURL
+    from tuner.study.config import parse_study
+    from tuner.study.settings import artifact_dir
 
     ws = tmp_path_factory.mktemp("bad-input-base")
     (ws / "good-study.yaml").write_text(study())

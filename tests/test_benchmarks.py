@@ -40,8 +40,8 @@ def test_startup_figures_are_registered():
 def test_startup_study_is_one_export_reads(tmp_path):
     """The study the start-up figure exports is one `tuner export` accepts (nothing timed here)."""
     from benchmarks.startup import STUDY, make_study
-    from tuner.export import export_text
-    from tuner.storage import open_storage
+    from tuner.insight.export import export_text
+    from tuner.storage.database import open_storage
 
     url = f"sqlite:///{tmp_path / 'tuner.db'}"
     make_study(url)
@@ -73,7 +73,7 @@ def test_timeline_splits_one_time_costs_from_the_per_trial_overhead():
 
 def test_flops_per_image_counts_forward_and_backward_on_the_cpu():
     from benchmarks.gpu import flops_per_image
-    from tuner.models import build_model
+    from tuner.training.models import build_model
 
     ctx = Context(device=torch.device("cpu"), dataset="synthetic:600", quick=True)
     both = flops_per_image(ctx)
@@ -151,7 +151,7 @@ def test_training_throughput_reports_a_consistent_row_on_the_cpu():
     """The throughput measurement's bookkeeping (not its speed): images and steps per timed epoch,
     TFLOP/s from the FLOP count and images/s, no MFU without a bf16 peak."""
     from benchmarks.gpu import count_flops_per_image, training_throughput
-    from tuner.data import load_dataset
+    from tuner.training.data import load_dataset
 
     data = load_dataset("synthetic:300")  # 270 training images: 4 full batches of 64 and one of 14
     gflops = count_flops_per_image("tiny", torch.device("cpu"), 64) / 1e9
@@ -251,7 +251,7 @@ def test_pruning_replay_holds_a_warming_up_winner_only_when_schedule_aware():
     after epoch 1 that ends best. Median pruning stops it after epoch 1; with the hold it is first
     judged at epoch 2, where it is above the median, and it wins."""
     from benchmarks.sweep import replay_pruning
-    from tuner.params import ClippingParams, OptimizerParams, ScheduleParams, TrainingParams, TrialParams
+    from tuner.study.params import ClippingParams, OptimizerParams, ScheduleParams, TrainingParams, TrialParams
 
     training = TrainingParams(dataset="synthetic", model="tiny", epochs=6, batch_size=128)
 

@@ -17,11 +17,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from tuner.compare import load_compare, write_compare
-from tuner.config import parse_study
-from tuner.report import render_page, report_sections, write_report
-from tuner.storage import open_storage
-from tuner.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.insight.compare import load_compare, write_compare
+from tuner.insight.report import render_page, report_sections, write_report
+from tuner.storage.database import open_storage
+from tuner.study.config import parse_study
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -122,7 +122,7 @@ def test_compare_renders_offline_without_errors(chromium: str, storage_url: str,
 
 
 def test_the_error_checks_catch_a_broken_page(chromium: str, tmp_path: Path) -> None:
-    from tuner.report import Section
+    from tuner.insight.report import Section
 
     out = tmp_path / "broken.html"
     page = render_page("broken", "<h1>broken</h1>", [Section("x", "y", body_html="<script>noSuchFunction();</script>")])

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from torchvision.datasets import CIFAR10
 
-from tuner.data import CIFAR10_CLASSES, load_cifar10, load_dataset, load_raw, make_synthetic
 from tuner.errors import DataError
+from tuner.training.data import CIFAR10_CLASSES, load_cifar10, load_dataset, load_raw, make_synthetic
 
 PER_BATCH, N_TEST = 40, 30
 FOLDER = CIFAR10.base_folder  # cifar-10-batches-py

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tuner.params import dump_params, parse_params
+from tuner.study.params import dump_params, parse_params
 
 SPEC = "synthetic:200"
 

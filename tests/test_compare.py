@@ -9,11 +9,18 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, ROOT, cli_main, run_cli
-from tuner.compare import build_compare, compare_info, knob_descriptions, load_compare, summarize_study, table_rows
-from tuner.config import load_study_file, parse_study
-from tuner.report import study_data_from_trials
-from tuner.storage import open_storage
-from tuner.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.insight.compare import (
+    build_compare,
+    compare_info,
+    knob_descriptions,
+    load_compare,
+    summarize_study,
+    table_rows,
+)
+from tuner.insight.report import study_data_from_trials
+from tuner.storage.database import open_storage
+from tuner.study.config import load_study_file, parse_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_check import count_syncs
-from tuner.data import load_dataset
-from tuner.models import build_model
-from tuner.optim import OPTIMIZER_CLASSES, build_optimizer, clip_gradients
-from tuner.params import ClippingParams, OptimizerParams, TrialParams, parse_params
-from tuner.train import train
+from tuner.study.params import ClippingParams, OptimizerParams, TrialParams, parse_params
+from tuner.training.data import load_dataset
+from tuner.training.models import build_model
+from tuner.training.optim import OPTIMIZER_CLASSES, build_optimizer, clip_gradients
+from tuner.training.train import train
 
 pytestmark = [
     pytest.mark.cuda,

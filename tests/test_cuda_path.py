@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner import train as engine
-from tuner.data import load_dataset
-from tuner.models import MODELS, build_model
-from tuner.params import parse_params
-from tuner.train import (
+from tuner.study.params import parse_params
+from tuner.training import train as engine
+from tuner.training.data import load_dataset
+from tuner.training.models import MODELS, build_model
+from tuner.training.train import (
     EVAL_BATCH,
     device_settings,
     initial_model,

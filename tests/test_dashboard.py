@@ -1,6 +1,6 @@
 """`tuner dashboard` serves the study through the real optuna-dashboard: start it, request its API.
 
-`tuner.dashboard.publish` is checked through optuna-dashboard's own WSGI app, driven in this
+`tuner.insight.dashboard.publish` is checked through optuna-dashboard's own WSGI app, driven in this
 process: the metric name, the study note and tuner's graphs, each exactly once.
 """
 
@@ -25,10 +25,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from sweeps import SMALL_SPACE, study_file
 
-from tuner import keys
-from tuner.config import parse_study
-from tuner.dashboard import GRAPHS, METRIC, NOTE_MARK, publish
-from tuner.storage import open_storage
+from tuner.insight.dashboard import GRAPHS, METRIC, NOTE_MARK, publish
+from tuner.storage import keys
+from tuner.storage.database import open_storage
+from tuner.study.config import parse_study
 
 
 def free_port() -> int:
@@ -235,7 +235,7 @@ def test_publish_draws_what_is_missing_and_names_unknown_studies(tmp_path: Path)
 
 def test_publish_does_not_import_torch(published: tuple[Any, int]) -> None:
     storage, _ = published
-    code = ("import sys; from tuner.dashboard import publish; from tuner.storage import open_storage; "
+    code = ("import sys; from tuner.insight.dashboard import publish; from tuner.storage.database import open_storage; "
             f"publish(open_storage({storage.url!r}), 'pub'); "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tuner.data import (
+from tuner.errors import DataError
+from tuner.training.data import (
     CIFAR10_CLASSES,
     SYNTHETIC_CLASSES,
     augment,
@@ -21,7 +22,6 @@ from tuner.data import (
     normalize,
     train_batches,
 )
-from tuner.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic
@@ -247,7 +247,7 @@ def test_flip_off_never_mirrors_and_still_crops() -> None:
 
 
 def test_train_batches_follow_the_augment_setting() -> None:
-    from tuner.params import Augment
+    from tuner.study.params import Augment
 
     data = load_dataset("synthetic:200")
     off = [x for x, _ in train_batches(data, 64, gen(0), augment_images=False)]

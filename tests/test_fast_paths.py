@@ -15,12 +15,12 @@ import pytest
 from sweeps import study_file, trials
 
 from conftest import run_cli
-from tuner.artifacts import CheckpointPolicy
-from tuner.artifacts import checkpoint_ids as checkpoint_artifacts
-from tuner.config import load_study_file
+from tuner.engine.sweep import WorkerOptions, prepare_study, run_worker
 from tuner.errors import ConfigError
-from tuner.settings import DEFAULT_CHECKPOINT_EVERY, checkpoint_every
-from tuner.sweep import WorkerOptions, prepare_study, run_worker
+from tuner.storage.artifacts import CheckpointPolicy
+from tuner.storage.artifacts import checkpoint_ids as checkpoint_artifacts
+from tuner.study.config import load_study_file
+from tuner.study.settings import DEFAULT_CHECKPOINT_EVERY, checkpoint_every
 
 
 class Stop:
@@ -73,7 +73,7 @@ def _files(folder: Path) -> list[str]:
 @pytest.fixture
 def saves(monkeypatch) -> list[int]:
     """The epochs at which the engine wrote a checkpoint (the real writer, observed)."""
-    from tuner import train
+    from tuner.training import train
 
     epochs: list[int] = []
     real = train.save_checkpoint

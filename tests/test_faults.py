@@ -138,8 +138,8 @@ def assert_study_done(url: str, name: str, n: int) -> list[optuna.trial.FrozenTr
 
 
 def create_study(folder: Path, url: str, **changes) -> str:
-    from tuner.config import load_study_file
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
 
     config = load_study_file(study_file(folder, **changes))
     prepare_study(config, url, None).engine.dispose()
@@ -262,8 +262,8 @@ def test_a_second_sigint_aborts_at_once(tmp_path, pg_url):
 def test_a_live_worker_whose_trial_was_judged_stale_goes_on(tmp_path, pg_url):
     """Another worker failed our trial (say after a long database outage) and queued its retry:
     the live worker notices at its next epoch, leaves the trial to the copy, and goes on."""
-    from tuner import keys
-    from tuner.storage import open_storage
+    from tuner.storage import keys
+    from tuner.storage.database import open_storage
 
     name = create_study(tmp_path, pg_url, n_trials=2, epochs=8)
     env = env_for(pg_url, TUNER_ARTIFACT_DIR=str(tmp_path / "artifacts"))
@@ -418,12 +418,12 @@ def test_database_down_past_the_retry_bound_exits_1_then_the_study_recovers(tmp_
 # ---------------------------------------------------------------------------------------------
 
 class opened_worker:
-    """A real `tuner.worker.Worker` on the study, opened (data loaded), with its heartbeat thread."""
+    """A real `tuner.engine.worker.Worker` on the study, opened (data loaded), with its heartbeat thread."""
 
     def __init__(self, url: str, name: str, **opts) -> None:
-        from tuner.faults import StopController
-        from tuner.storage import StorageURL
-        from tuner.worker import Heartbeat, Worker, WorkerOptions
+        from tuner.engine.faults import StopController
+        from tuner.engine.worker import Heartbeat, Worker, WorkerOptions
+        from tuner.storage.database import StorageURL
 
         self.worker = Worker(StorageURL.parse(url), name, WorkerOptions(device="cpu", worker_index=0, **opts),
                              StopController())
@@ -448,7 +448,7 @@ def _age(url: str, trial_id: int, seconds: float) -> None:
 
 
 def test_orphans_of_tuner_workers_are_reaped_but_plain_optuna_trials_are_not(tmp_path, pg_url):
-    from tuner import keys
+    from tuner.storage import keys
 
     name = create_study(tmp_path, pg_url, n_trials=10)
     with opened_worker(pg_url, name) as w:
@@ -481,7 +481,7 @@ def test_lost_commit_replies_do_not_duplicate_trials(tmp_path, pg_url):
     an orphan that is failed and queued again once its grace period passed."""
     import psycopg
 
-    from tuner import keys
+    from tuner.storage import keys
 
     name = create_study(tmp_path, pg_url, n_trials=3)
     lose = {"n": 0, "what": "", "armed": False}
@@ -546,7 +546,7 @@ def test_lost_commit_replies_do_not_duplicate_trials(tmp_path, pg_url):
 
 
 def test_the_budget_gate_counts_before_it_queues(tmp_path, pg_url):
-    from tuner import keys
+    from tuner.storage import keys
 
     name = create_study(tmp_path, pg_url, n_trials=2)
     with opened_worker(pg_url, name) as w:
@@ -578,7 +578,7 @@ def test_which_database_errors_are_retried():
     import psycopg
     from psycopg import errors as pg
 
-    from tuner.storage import is_transient
+    from tuner.storage.database import is_transient
 
     def wrapped(orig: Exception, cls=sa.exc.OperationalError) -> Exception:
         try:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from tuner.optim import LRSchedule, build_optimizer, clip_gradients, grad_norm
-from tuner.params import SCHEDULES, ClippingParams, OptimizerParams, ScheduleParams
+from tuner.study.params import SCHEDULES, ClippingParams, OptimizerParams, ScheduleParams
+from tuner.training.optim import LRSchedule, build_optimizer, clip_gradients, grad_norm
 
 TOTAL, PER_EPOCH = 200, 20
 CPU = torch.device("cpu")

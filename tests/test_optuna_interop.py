@@ -16,9 +16,9 @@ import pytest
 from optuna.trial import TrialState
 from sweeps import study_file
 
-from tuner import keys
-from tuner.config import load_study_file
-from tuner.sweep import WorkerOptions, prepare_study, run_sweep
+from tuner.engine.sweep import WorkerOptions, prepare_study, run_sweep
+from tuner.storage import keys
+from tuner.study.config import load_study_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 

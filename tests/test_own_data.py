@@ -17,8 +17,16 @@ from sweeps import assert_clean_finish, states, study_file, trials
 from torchvision.datasets import CIFAR100
 
 from conftest import ONE_THREAD, cli_main
-from tuner.data import describe, load_cifar100, load_dataset, load_imagefolder, load_npz, load_raw, make_synthetic
 from tuner.errors import DataError
+from tuner.training.data import (
+    describe,
+    load_cifar100,
+    load_dataset,
+    load_imagefolder,
+    load_npz,
+    load_raw,
+    make_synthetic,
+)
 
 
 def sqlite(tmp_path: Path) -> str:

@@ -148,7 +148,7 @@ def test_the_check_uses_the_dataset_given_on_the_command_line(tmp_path: Path, cl
 
 
 def test_kwargs_follow_the_signature(model_file: Path) -> None:
-    from tuner.models import build_model, resolve_reference, shape_kwargs
+    from tuner.training.models import build_model, resolve_reference, shape_kwargs
 
     fn = resolve_reference(f"{model_file}:build")
     assert shape_kwargs(fn, 5, 1, 28) == {"num_classes": 5, "in_channels": 1}
@@ -161,10 +161,10 @@ def test_kwargs_follow_the_signature(model_file: Path) -> None:
 def test_the_example_study_loads_and_its_model_trains() -> None:
     import os
 
-    from tuner.config import load_study_file
-    from tuner.data import load_dataset
-    from tuner.params import TrialParams
-    from tuner.train import train
+    from tuner.study.config import load_study_file
+    from tuner.study.params import TrialParams
+    from tuner.training.data import load_dataset
+    from tuner.training.train import train
 
     here = os.getcwd()
     os.chdir(ROOT)  # the example's path resolves against the working directory, as documented
@@ -180,7 +180,7 @@ def test_the_example_study_loads_and_its_model_trains() -> None:
 
 def test_python_api_sweep_with_a_callable_and_arrays(tmp_path: Path, one_thread) -> None:
     import tuner
-    from tuner.data import make_synthetic
+    from tuner.training.data import make_synthetic
 
     raw = make_synthetic(n_train=400, n_test=100, seed=3)
     seen: list[dict] = []

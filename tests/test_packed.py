@@ -1,4 +1,4 @@
-"""Packed workers (tuner/packed.py): `--pack K` sweeps on SQLite and PostgreSQL end with exactly
+"""Packed workers (tuner/engine/packed.py): `--pack K` sweeps on SQLite and PostgreSQL end with exactly
 n_trials, with pruning and refills; a kill -9 and a SIGINT leave trials that resume from their
 per-slot checkpoints, packed or alone. Real processes, real storages (see test_faults.py)."""
 
@@ -47,9 +47,9 @@ def overlap(ts: list[optuna.trial.FrozenTrial]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def test_pack_setting_in_the_study_file_and_the_flag(tmp_path: Path, cli) -> None:
-    from tuner.config import load_study_file, parse_study
     from tuner.errors import ConfigError
-    from tuner.settings import pack
+    from tuner.study.config import load_study_file, parse_study
+    from tuner.study.settings import pack
 
     plain = load_study_file(small_study(tmp_path, "plain"), check_model=False)
     packed = load_study_file(small_study(tmp_path, "packed", training={"pack": 4}), check_model=False)

@@ -9,10 +9,9 @@ import pytest
 import torch
 import yaml
 
-import tuner.params as params_module
+import tuner.study.params as params_module
 from tuner.errors import ConfigError
-from tuner.models import MODELS
-from tuner.params import (
+from tuner.study.params import (
     CLIP_MODES,
     OPTIMIZERS,
     PRECISIONS,
@@ -27,6 +26,7 @@ from tuner.params import (
     load_params,
     parse_params,
 )
+from tuner.training.models import MODELS
 
 
 def write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:
@@ -36,7 +36,7 @@ def write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:
 
 
 def documented_example() -> str:
-    """The indented YAML block of tuner/params.py's module docstring (the documented format)."""
+    """The indented YAML block of tuner/study/params.py's module docstring (the documented format)."""
     doc = params_module.__doc__ or ""
     lines = [line for line in doc.splitlines() if line.startswith("    ") and ":" in line]
     assert lines, "the params module docstring no longer shows the file format"

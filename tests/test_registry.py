@@ -7,7 +7,7 @@ import warnings
 import optuna
 import pytest
 
-from tuner.registry import PRUNERS, SAMPLERS, build_pruner, build_sampler
+from tuner.study.registry import PRUNERS, SAMPLERS, build_pruner, build_sampler
 
 
 def _sample(sampler: optuna.samplers.BaseSampler, n: int = 4) -> list[float]:

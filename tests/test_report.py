@@ -14,9 +14,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, cli_main, run_cli
-from tuner import keys
-from tuner.config import parse_study
-from tuner.report import (
+from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.insight.report import (
     CONTOUR_PAIRS,
     MIN_CONTOUR_POINTS,
     StudyData,
@@ -35,9 +34,10 @@ from tuner.report import (
     timeline_info,
     top_info,
 )
-from tuner.space import KNOBS, suggest
-from tuner.storage import open_storage
-from tuner.sweep import WorkerOptions, run_sweep
+from tuner.storage import keys
+from tuner.storage.database import open_storage
+from tuner.study.config import parse_study
+from tuner.study.space import KNOBS, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -146,7 +146,7 @@ def test_learning_curves_mark_pruned_and_diverged() -> None:
     diverged = next(c for c in info.curves if c.kind == "diverged")
     assert diverged.diverged_epoch == 2 and diverged.values == [0.2]
     assert info.counts == {"complete": 4, "pruned": 1, "diverged": 1}
-    fig = __import__("tuner.report", fromlist=["curves_figure"]).curves_figure(info)
+    fig = __import__("tuner.insight.report", fromlist=["curves_figure"]).curves_figure(info)
     styles = {(tr.legendgroup, tr.line.dash, tr.line.color) for tr in fig.data}
     assert len({s[1] for s in styles}) == 3 and len({s[2] for s in styles}) == 3  # visibly different
     assert {tr.name for tr in fig.data if tr.showlegend} >= {"complete", "pruned", "diverged (x: where it blew up)"}

@@ -8,12 +8,12 @@ import pytest
 from optuna.trial import TrialState
 from sweeps import study_file, trials
 
-from tuner import keys
-from tuner.config import load_study_file, parse_study
+from tuner.engine.sweep import WorkerOptions, run_sweep
 from tuner.errors import ConfigError
-from tuner.optim import LRSchedule, first_judged_epoch
-from tuner.params import ScheduleParams
-from tuner.sweep import WorkerOptions, run_sweep
+from tuner.storage import keys
+from tuner.study.config import load_study_file, parse_study
+from tuner.study.params import ScheduleParams
+from tuner.training.optim import LRSchedule, first_judged_epoch
 
 
 @pytest.mark.parametrize("sched, epochs, per_epoch, first", [

@@ -194,8 +194,8 @@ def test_the_storage_password_appears_nowhere(tmp_path, pg_url):
 
 
 def test_the_dashboard_warns_when_bound_beyond_localhost(tmp_path):
-    from tuner.config import parse_study
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import parse_study
 
     url = f"sqlite:///{tmp_path / 'tuner.db'}"
     prepare_study(parse_study(STUDY, file="s.yaml"), url, None).engine.dispose()

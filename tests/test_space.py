@@ -7,10 +7,10 @@ import math
 import pytest
 from optuna.trial import FixedTrial
 
-from tuner.config import parse_study
 from tuner.errors import ConfigError
-from tuner.params import TrainingParams
-from tuner.space import Choices, Fixed, Range, parse_space, suggest
+from tuner.study.config import parse_study
+from tuner.study.params import TrainingParams
+from tuner.study.space import Choices, Fixed, Range, parse_space, suggest
 
 T = TrainingParams(model="tiny", dataset="synthetic", epochs=2, batch_size=64)
 

@@ -17,10 +17,10 @@ from optuna.trial import TrialState, create_trial
 from sweeps import assert_clean_finish, study_file, trials
 
 from conftest import ONE_THREAD, ROOT, cli_main
-from tuner import keys
-from tuner.config import load_study_file, parse_study
-from tuner.space import parse_space
-from tuner.stages import Stage, default_value, fixed_values, next_stage, parse_stages
+from tuner.engine.stages import Stage, default_value, fixed_values, next_stage, parse_stages
+from tuner.storage import keys
+from tuner.study.config import load_study_file, parse_study
+from tuner.study.space import parse_space
 
 SPACE = {
     "lr": {"low": 1.0e-3, "high": 0.05, "log": True},
@@ -258,8 +258,8 @@ def test_staged_sweep_two_workers_sqlite(tmp_path, cli, capsys):
     assert "6 trials" in run.stdout
     check_staged_study(url, "staged", capsys)
     # the report shows each trial's stage, and the stages in its header
-    from tuner.report import header_html, load_study_data, top_info, top_table_html
-    from tuner.storage import open_storage
+    from tuner.insight.report import header_html, load_study_data, top_info, top_table_html
+    from tuner.storage.database import open_storage
 
     data = load_study_data(open_storage(url, must_exist=True), "staged")
     assert {t.stage for t in data.trials} == {"lr", "stage2", "wd+schedule"}
@@ -289,7 +289,7 @@ def test_staged_sweep_two_workers_postgres(tmp_path, cli, capsys, pg_url):
 def test_a_crashed_trial_of_the_stage_runs_again_before_the_next_stage(tmp_path, one_thread):
     """A worker finds stage 0 full but one of its trials still RUNNING (its worker died): it waits,
     the trial goes stale, its retry copy runs (with the stage's fixed values), then stage 1 starts."""
-    from tuner.sweep import WorkerOptions, prepare_study, run_worker
+    from tuner.engine.sweep import WorkerOptions, prepare_study, run_worker
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     stages = [{"name": "lr", "knobs": ["lr"], "trials": 1},

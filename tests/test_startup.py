@@ -127,7 +127,7 @@ def _env() -> dict[str, str]:
 
 
 def _params(lr: float) -> dict:
-    from tuner.params import TrialParams
+    from tuner.study.params import TrialParams
 
     p = TrialParams().to_dict()
     p["optimizer"]["lr"] = lr
@@ -141,8 +141,8 @@ def storage_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from tuner import keys
-    from tuner.config import parse_study
+    from tuner.storage import keys
+    from tuner.study.config import parse_study
 
     url = f"sqlite:///{tmp_path_factory.mktemp('startup') / 'tuner.db'}"
     for name, values in (("a", [0.61, 0.72, 0.55]), ("b", [0.58, 0.66])):

@@ -1,5 +1,5 @@
 """Optuna's own storage conformance tests (`optuna.testing.pytest_storages.StorageTestCase`) against
-the storage a tuner worker opens (`tuner.storage.open_storage` with heartbeats and SQLite's
+the storage a tuner worker opens (`tuner.storage.database.open_storage` with heartbeats and SQLite's
 write-ahead log), on SQLite and on PostgreSQL. Nothing is excluded."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from optuna.testing.pytest_storages import StorageTestCase
 
-from tuner.storage import open_storage
+from tuner.storage.database import open_storage
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -15,12 +15,12 @@ import yaml
 from optuna.trial import TrialState
 from sweeps import assert_clean_finish, states, study_file, trials
 
-from tuner.config import load_study_file
-from tuner.keys import CONFIG as ATTR_CONFIG
-from tuner.objective import Objective
-from tuner.settings import storage_url
-from tuner.storage import DEFAULT_STORAGE, StorageURL
-from tuner.sweep import WorkerOptions, prepare_study, run_sweep, run_worker
+from tuner.engine.objective import Objective
+from tuner.engine.sweep import WorkerOptions, prepare_study, run_sweep, run_worker
+from tuner.storage.database import DEFAULT_STORAGE, StorageURL
+from tuner.storage.keys import CONFIG as ATTR_CONFIG
+from tuner.study.config import load_study_file
+from tuner.study.settings import storage_url
 
 
 def sqlite(tmp_path: Path) -> str:
@@ -168,7 +168,7 @@ def test_optuna_cli_reads_the_database(tmp_path, cli):
     best = subprocess.run([optuna_bin, "best-trial", "--study-name", "small", "--storage", url, "-f", "json"],
                           capture_output=True, text=True, timeout=120)
     assert best.returncode == 0, best.stderr
-    # the metric is named (tuner.dashboard.publish), so Optuna's CLI shows it by name
+    # the metric is named (tuner.insight.dashboard.publish), so Optuna's CLI shows it by name
     assert json.loads(best.stdout)["value"] == {"val_accuracy": optuna.load_study(study_name="small", storage=url).best_value}
     listing = subprocess.run([optuna_bin, "trials", "--study-name", "small", "--storage", url, "-f", "json"],
                              capture_output=True, text=True, timeout=120)

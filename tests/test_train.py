@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from tuner.data import DeviceData, load_dataset
 from tuner.errors import CheckpointError
-from tuner.models import build_model
-from tuner.params import TrialParams, parse_params
-from tuner.train import (
+from tuner.study.params import TrialParams, parse_params
+from tuner.training.data import DeviceData, load_dataset
+from tuner.training.models import build_model
+from tuner.training.train import (
     CHECKPOINT_FORMAT,
     EpochRecord,
     TrainResult,

@@ -13,13 +13,13 @@ import yaml
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, cli_main, run_cli
-from tuner import keys
-from tuner.config import parse_study
+from tuner.engine.sweep import WorkerOptions, run_sweep
 from tuner.errors import ConfigError, TunerError
-from tuner.export import choose_best, export_text, write_export
-from tuner.storage import open_storage
-from tuner.sweep import WorkerOptions, run_sweep
-from tuner.verify import SEED_BASE, read_records, record, run_verify, stats, summary, verify_seeds
+from tuner.insight.export import choose_best, export_text, write_export
+from tuner.insight.verify import SEED_BASE, read_records, record, run_verify, stats, summary, verify_seeds
+from tuner.storage import keys
+from tuner.storage.database import open_storage
+from tuner.study.config import parse_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -150,9 +150,9 @@ def test_verify_real_runs_store_resume_and_export(tmp_path: Path, capsys: pytest
     assert (result.ran, result.skipped) == (0, 4)
 
     # a retrain with the same seed reproduces the stored value (the stored params are complete)
-    from tuner.data import load_dataset
-    from tuner.params import parse_params
-    from tuner.train import train
+    from tuner.study.params import parse_params
+    from tuner.training.data import load_dataset
+    from tuner.training.train import train
 
     p = parse_params(top[0].user_attrs["params"]).with_training(seed=1001)
     again = train(p, load_dataset("synthetic:300", "cpu"))

@@ -11,10 +11,10 @@ import pytest
 from optuna.trial import TrialState
 from sweeps import assert_clean_finish, study_file, trials
 
-from tuner import keys
-from tuner.config import load_study_file
-from tuner.sweep import WarmStart, WorkerOptions, run_sweep
-from tuner.warmstart import map_config
+from tuner.engine.sweep import WarmStart, WorkerOptions, run_sweep
+from tuner.engine.warmstart import map_config
+from tuner.storage import keys
+from tuner.study.config import load_study_file
 
 SOURCE_SPACE = {
     "lr": {"low": 1.0e-4, "high": 0.3, "log": True},
@@ -109,7 +109,7 @@ def test_map_config_rules():
 
 
 def load_study_file_space(space: dict):
-    from tuner.space import parse_space
+    from tuner.study.space import parse_space
 
     return parse_space(space, file="t.yaml")
 

@@ -29,8 +29,8 @@ def test_two_workers_share_one_study(tmp_path, cli, storage_url):
 
 
 def test_standalone_workers_join_from_storage(tmp_path, storage_url):
-    from tuner.config import load_study_file
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
 
     prepare_study(load_study_file(study_file(tmp_path, n_trials=6, epochs=2)), storage_url, None)
     env = {**os.environ, "TUNER_STORAGE": storage_url}
@@ -45,8 +45,8 @@ def test_standalone_workers_join_from_storage(tmp_path, storage_url):
 
 
 def test_worker_on_unknown_study_exits_2(tmp_path, cli, storage_url):
-    from tuner.config import load_study_file
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
 
     prepare_study(load_study_file(study_file(tmp_path, n_trials=1)), storage_url, None)
     run = cli("worker", "--study-name", "nope", "--storage", storage_url)
@@ -58,7 +58,7 @@ def test_worker_on_unknown_study_exits_2(tmp_path, cli, storage_url):
 def test_gpu_pinning_round_robin():
     """`--workers N` pins one GPU per worker when several are visible; `--workers-per-gpu K` gives
     K workers each GPU; with one GPU or none, workers are not pinned."""
-    from tuner.sweep import assign_gpus
+    from tuner.engine.sweep import assign_gpus
 
     assert assign_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]
     assert assign_gpus(3, ["2", "5", "7"]) == ["2", "5", "7"]
@@ -104,7 +104,7 @@ GPU 0: A100-SXM4-40GB (UUID: GPU-e91edf3b-b297-37c1-a2a7-7601c98cbc4a)
 
 
 def test_nvidia_smi_gpus_without_mig():
-    from tuner.sweep import parse_nvidia_smi
+    from tuner.engine.sweep import parse_nvidia_smi
 
     assert parse_nvidia_smi(SMI_TWO_GPUS) == ["GPU-0c5a9e3f-2b1d-4e8a-9f7c-3d2e1b0a9c8d",
                                               "GPU-7e1f2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"]
@@ -115,7 +115,7 @@ def test_nvidia_smi_gpus_without_mig():
 
 def test_nvidia_smi_mig_slices_replace_their_gpu():
     """A GPU with MIG on is its slices, by UUID, one worker each; never also the whole GPU."""
-    from tuner.sweep import parse_nvidia_smi
+    from tuner.engine.sweep import parse_nvidia_smi
 
     assert parse_nvidia_smi(SMI_MIG) == ["MIG-5f7c2a31-0b8e-5d4c-9a1f-2e3d4c5b6a79",
                                          "MIG-8a9b0c1d-2e3f-5a4b-8c7d-6e5f4a3b2c1d",
@@ -128,7 +128,7 @@ def test_nvidia_smi_mig_slices_replace_their_gpu():
 
 
 def test_cuda_visible_devices_entries():
-    from tuner.sweep import parse_visible
+    from tuner.engine.sweep import parse_visible
 
     assert parse_visible("0,1") == ["0", "1"]
     assert parse_visible(" 2 , 3 ") == ["2", "3"]
@@ -140,8 +140,8 @@ def test_cuda_visible_devices_entries():
 
 
 def _children(workers, device, gpus, cpus=8, environ=None, **opts):
-    from tuner.storage import StorageURL
-    from tuner.sweep import WorkerOptions, worker_processes
+    from tuner.engine.sweep import WorkerOptions, worker_processes
+    from tuner.storage.database import StorageURL
 
     url = StorageURL.parse("postgresql+psycopg://tuner:s3cret@db:5432/tuner")
     return worker_processes(url, "small", workers, WorkerOptions(device=device, worker_index=10, **opts), gpus,
@@ -186,7 +186,7 @@ def test_children_round_robin_over_gpus_and_mig_slices():
 def test_cpu_children_share_the_cores_and_are_not_pinned():
     """`--device cpu`: no pinning even with GPUs visible; no GPU visible (CUDA_VISIBLE_DEVICES=-1 or
     empty): the same CPU treatment, OMP_NUM_THREADS = cores // workers."""
-    from tuner.sweep import parse_visible
+    from tuner.engine.sweep import parse_visible
 
     for device, gpus in (("cpu", ["0", "1"]), ("auto", parse_visible("-1")), ("auto", parse_visible("")),
                          ("cuda", [])):
@@ -212,8 +212,8 @@ def test_children_never_get_the_password_file():
     ("cuda:one", ["0"], "expected cuda or cuda:N"),
 ])
 def test_device_not_visible_is_a_config_error(device, gpus, says):
+    from tuner.engine.sweep import worker_gpus
     from tuner.errors import ConfigError
-    from tuner.sweep import worker_gpus
 
     with pytest.raises(ConfigError) as err:
         _children(2, device, gpus)
@@ -223,7 +223,7 @@ def test_device_not_visible_is_a_config_error(device, gpus, says):
 
 
 def test_worker_gpus_by_device():
-    from tuner.sweep import worker_gpus
+    from tuner.engine.sweep import worker_gpus
 
     assert worker_gpus("cpu", ["0", "1"]) == []
     assert worker_gpus("auto", ["0", "1"]) == ["0", "1"] == worker_gpus("cuda", ["0", "1"])
@@ -244,8 +244,8 @@ def test_worker_processes_per_gpu_run_the_study(tmp_path):
     """Two "GPUs" named by CUDA_VISIBLE_DEVICES (absent on a CPU machine, so each pinned child's
     `--device auto` falls back to the CPU): `--workers-per-gpu 2` starts four `tuner worker` processes
     that run the study to exactly n_trials."""
-    from tuner.config import load_study_file
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     prepare_study(load_study_file(study_file(tmp_path, n_trials=6, epochs=1)), url, None).engine.dispose()
@@ -264,8 +264,8 @@ def test_worker_processes_per_gpu_run_the_study(tmp_path):
 def test_worker_per_gpu_without_gpu_runs_one_worker_here(tmp_path, cli):
     """No GPU visible (CUDA_VISIBLE_DEVICES=-1): one note, and one worker in this process; a bad K is
     one line and exit 2."""
-    from tuner.config import load_study_file
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     prepare_study(load_study_file(study_file(tmp_path, n_trials=2, epochs=1)), url, None).engine.dispose()
@@ -283,8 +283,8 @@ def test_worker_per_gpu_without_gpu_runs_one_worker_here(tmp_path, cli):
 
 
 def test_worker_device_not_visible_exits_2_before_starting(tmp_path, cli):
-    from tuner.config import load_study_file
-    from tuner.sweep import prepare_study
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     prepare_study(load_study_file(study_file(tmp_path, n_trials=1, epochs=1)), url, None).engine.dispose()
@@ -301,7 +301,7 @@ def test_visible_gpus_reads_nvidia_smi_when_cuda_visible_devices_is_unset(tmp_pa
     stand-in script on PATH here, printing a real-looking listing); else torch's device count."""
     import torch
 
-    from tuner.sweep import visible_gpus
+    from tuner.engine.sweep import visible_gpus
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

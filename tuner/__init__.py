@@ -2,7 +2,7 @@
 
 The Python API (for notebooks), in `tuner.api`: `tuner.tune(config, model=..., data=..., storage=...,
 n_trials=...)` runs a sweep in this process and returns the `optuna.Study`; `tuner.export_best(study,
-path)` writes the best trial's params file. (`tuner.sweep` is the module that drives sweeps.)
+path)` writes the best trial's params file. (`tuner.engine.sweep` is the module that drives sweeps.)
 `import tuner` stays cheap (no torch, no Optuna): they are imported on first use.
 """
 
@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import export_best, load_config, tune
+    from tuner.api import export_best, load_config, tune
 
 __all__ = ["__version__", "export_best", "load_config", "tune"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("export_best", "load_config", "tune"):
-        from . import api
+        from tuner import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

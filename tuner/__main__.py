@@ -1,3 +1,3 @@
-from .cli import run
+from tuner.cli import run
 
 run()

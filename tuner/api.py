@@ -23,8 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import StudyConfig, check_study_model, load_study_file, parse_study
-from .errors import ConfigError
+from tuner.errors import ConfigError
+from tuner.study.config import StudyConfig, check_study_model, load_study_file, parse_study
 
 if TYPE_CHECKING:
     import optuna
@@ -67,11 +67,11 @@ def tune(config: str | Path | Mapping[str, Any] | StudyConfig, *,
     """
     import optuna
 
-    from .models import register_in_process
-    from .settings import data_dir as resolve_data_dir
-    from .storage import DEFAULT_STORAGE, StorageURL, open_storage
-    from .sweep import run_sweep
-    from .worker import WorkerOptions
+    from tuner.engine.sweep import run_sweep
+    from tuner.engine.worker import WorkerOptions
+    from tuner.storage.database import DEFAULT_STORAGE, StorageURL, open_storage
+    from tuner.study.settings import data_dir as resolve_data_dir
+    from tuner.training.models import register_in_process
 
     cfg = load_config(config)
     training = cfg.training
@@ -103,7 +103,7 @@ def tune(config: str | Path | Mapping[str, Any] | StudyConfig, *,
 def _dataset_spec(data: ArrayData | str) -> str:
     """A dataset spec for `data`: a spec string as it is, arrays registered under a content-hash name
     (the same arrays give the same name, so a notebook cell run again continues the same study)."""
-    from .data import IN_PROCESS, is_registered, register_arrays
+    from tuner.training.data import IN_PROCESS, is_registered, register_arrays
 
     if isinstance(data, (str, Path)):
         return str(data)
@@ -127,8 +127,8 @@ def export_best(study: optuna.Study, path: str | Path | None = None) -> str:
     """The best trial of `study` as a params file (what `tuner export` writes and `tuner train` reads;
     a model reference is kept in `training.model` and `training.model_options`). With `path`, the file
     is also written there, atomically. Returns the text."""
-    from .export import choose_best_of, text_for
-    from .files import atomic_write
+    from tuner.files import atomic_write
+    from tuner.insight.export import choose_best_of, text_for
 
     text = text_for(*choose_best_of(study.get_trials(deepcopy=False), study.user_attrs, study.study_name))
     if path is not None:

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
-from ..errors import TunerError, redact
+from tuner import __version__
+from tuner.errors import TunerError, redact
 
 # The Optuna releases tuner runs on; pyproject.toml's `optuna` dependency says the same
 # (tests/test_startup.py checks that the two agree).
@@ -96,7 +96,7 @@ def _root(
 def _register_commands() -> None:
     """Import the command modules; each registers its commands on `app`. They import Optuna, so
     only with a supported Optuna (otherwise `main` says so in one line)."""
-    from . import train  # noqa: F401
+    from tuner.cli import train  # noqa: F401
 
     for module in ("sweep", "query", "report", "bench"):
         try:
@@ -151,8 +151,8 @@ def run() -> None:
         raise SystemExit(code)
     import atexit
 
-    if "tuner.storage" in sys.modules:  # a command that opened no storage need not import it now
-        from ..storage import close_all
+    if "tuner.storage.database" in sys.modules:  # a command that opened no storage need not import it now
+        from tuner.storage.database import close_all
 
         close_all()
     atexit._run_exitfuncs()
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()
-        from ..storage import is_transient, reason
+        from tuner.storage.database import is_transient, reason
 
         if is_transient(exc):  # a database that went away outside a worker's retried steps
             fail(f"storage: the database is unreachable ({reason(exc)})", 1)

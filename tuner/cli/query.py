@@ -9,14 +9,14 @@ from typing import Annotated
 import typer
 from optuna.trial import TrialState
 
-from .. import keys
-from .._optuna import study_id
-from ..errors import ConfigError
-from ..settings import Settings
-from ..storage import open_storage, require_study
-from . import app
-from .common import Debug, StorageOpt, console, err_console, interactive, say
-from .sweep import describe
+from tuner.cli import app
+from tuner.cli.common import Debug, StorageOpt, console, err_console, interactive, say
+from tuner.cli.sweep import describe
+from tuner.errors import ConfigError
+from tuner.storage import keys
+from tuner.storage._optuna import study_id
+from tuner.storage.database import open_storage, require_study
+from tuner.study.settings import Settings
 
 NameArg = Annotated[str, typer.Argument(help="Study name.")]
 
@@ -83,7 +83,7 @@ def export_command(name: NameArg,
                                      typer.Option("-o", "--output", help="Write here (else stdout).")] = None,
                    storage: StorageOpt = None, debug: Debug = False) -> None:
     """Write the best trial's params as YAML that `tuner train` and plain PyTorch read."""
-    from ..export import write_export
+    from tuner.insight.export import write_export
 
     rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
     text = write_export(rdb, name, output)
@@ -118,7 +118,7 @@ def dashboard_command(
 
 def _publish_all(rdb) -> None:  # noqa: ANN001
     try:
-        from ..dashboard import publish
+        from tuner.insight.dashboard import publish
     except ImportError:
         return
     for s in rdb.get_all_studies():

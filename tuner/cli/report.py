@@ -7,12 +7,21 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError
-from ..settings import Settings
-from ..storage import open_storage
-from . import app
-from .common import DataDirOpt, Debug, DeviceOpt, StorageOpt, err_console, interactive, progress_bar, say
-from .query import _table
+from tuner.cli import app
+from tuner.cli.common import (
+    DataDirOpt,
+    Debug,
+    DeviceOpt,
+    StorageOpt,
+    err_console,
+    interactive,
+    progress_bar,
+    say,
+)
+from tuner.cli.query import _table
+from tuner.errors import ConfigError
+from tuner.storage.database import open_storage
+from tuner.study.settings import Settings
 
 NameArg = Annotated[str, typer.Argument(help="Study name.")]
 
@@ -26,7 +35,7 @@ def report_command(
     debug: Debug = False,
 ) -> None:
     """Write one self-contained HTML report of a study (plots work offline)."""
-    from ..report import write_report
+    from tuner.insight.report import write_report
 
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
@@ -45,7 +54,7 @@ def compare_command(
     debug: Debug = False,
 ) -> None:
     """Compare studies side by side: trials, best value, top-5 median, time to 95% of the best."""
-    from ..compare import load_compare, table_rows, write_compare
+    from tuner.insight.compare import load_compare, table_rows, write_compare
 
     if len(names) < 2:
         raise ConfigError("give at least two study names to compare", key="NAMES")
@@ -73,8 +82,8 @@ def verify_command(
     """Retrain the top configs with new seeds at the full budget; `tuner export` then picks the best mean.
 
     Each run is stored as it finishes: run again after an interruption to continue."""
-    from ..export import choose_best
-    from ..verify import Run, run_verify
+    from tuner.insight.export import choose_best
+    from tuner.insight.verify import Run, run_verify
 
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")

@@ -8,12 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from optuna.trial import FrozenTrial, TrialState
 
-from .. import keys, settings
-from ..artifacts import check_keep
-from ..config import check_study_model, load_study_file
-from ..errors import ConfigError
-from . import app
-from .common import (
+from tuner.cli import app
+from tuner.cli.common import (
     DataDirOpt,
     DatasetOpt,
     Debug,
@@ -25,9 +21,14 @@ from .common import (
     progress_bar,
     say,
 )
+from tuner.errors import ConfigError
+from tuner.storage import keys
+from tuner.storage.artifacts import check_keep
+from tuner.study import settings
+from tuner.study.config import check_study_model, load_study_file
 
 if TYPE_CHECKING:
-    from ..sweep import SweepResult
+    from tuner.engine.sweep import SweepResult
 
 HeartbeatOpt = Annotated[int | None, typer.Option(
     "--heartbeat-interval", help="Seconds between trial heartbeats [default: study file, else 60].")]
@@ -223,7 +224,7 @@ def sweep_command(
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"must be > 0, got {timeout}", key="--timeout")
-    from ..warmstart import WarmStart, check_top, parse_sources
+    from tuner.engine.warmstart import WarmStart, check_top, parse_sources
 
     check_top(warm_top)
     warm = None
@@ -243,7 +244,7 @@ def sweep_command(
     check_study_model(config, data_dir=settings.data_dir(data_dir))  # a model reference, on the data's shape
     if study_name:
         config = replace(config, name=study_name)
-    from ..stages import check_flags
+    from tuner.engine.stages import check_flags
 
     check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm)  # a staged study: exit 2 here
     env = settings.Settings.resolve(storage, config.storage)
@@ -256,14 +257,14 @@ def sweep_command(
             hb = config.heartbeat
             grace = hb.grace_period if hb.grace_period and hb.grace_period >= heartbeat_interval else None
             config = replace(config, heartbeat=replace(hb, interval=heartbeat_interval, grace_period=grace))
-        from ..sweep import prepare_study
+        from tuner.engine.sweep import prepare_study
 
         rdb = prepare_study(config, env.storage, n_trials, keep_checkpoints=keep_checkpoints, warm_start=warm)
         total = rdb.get_study_user_attrs(rdb.get_study_id_from_name(name)).get(keys.N_TRIALS)
         say(f"study {name} ready in {env.storage.shown}: {total or 'unlimited'} trials of {config.training.model} on "
             f"{config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
         return
-    from ..sweep import WorkerOptions, run_sweep
+    from tuner.engine.sweep import WorkerOptions, run_sweep
 
     if workers_per_gpu:
         gpus = _worker_gpus(device)
@@ -298,7 +299,7 @@ WorkersPerGpuOpt = Annotated[int | None, typer.Option(
 def _worker_gpus(device: str) -> list[str]:
     """The visible GPUs local worker processes would run on under `--device` (ConfigError, exit 2,
     for a `cuda:N` that is not visible)."""
-    from ..sweep import visible_gpus, worker_gpus
+    from tuner.engine.sweep import visible_gpus, worker_gpus
 
     return worker_gpus(device, visible_gpus() if device != "cpu" else [])
 
@@ -333,7 +334,7 @@ def worker_command(
 
     With --workers-per-gpu K, start K worker processes per visible GPU, each pinned to its GPU.
     SIGINT/SIGTERM stop at the next epoch boundary (exit 130 / 143); a second signal aborts."""
-    from ..worker import WorkerOptions, run_worker
+    from tuner.engine.worker import WorkerOptions, run_worker
 
     check_keep(keep_checkpoints)
     every = settings.checkpoint_every(checkpoint_every)
@@ -353,7 +354,7 @@ def worker_command(
     if workers_per_gpu:
         gpus = _worker_gpus(device)
         if gpus:
-            from ..sweep import run_worker_processes
+            from tuner.engine.sweep import run_worker_processes
 
             workers = workers_per_gpu * len(gpus)
             if not quiet:

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..errors import DivergedError
-from ..params import check_override, load_params
-from . import app
-from .common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, interactive, say
+from tuner.cli import app
+from tuner.cli.common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, interactive, say
+from tuner.errors import DivergedError
+from tuner.study.params import check_override, load_params
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from ..train import EpochRecord
+    from tuner.training.train import EpochRecord
 
 
 @app.command("train")
@@ -40,11 +40,11 @@ def train_command(
     check_override("--seed", seed, ge=0)
     params = load_params(params_file, check_model=False).with_training(dataset=dataset, epochs=epochs,
                                                                        batch_size=batch_size, seed=seed)
-    from ..params import check_training_model
+    from tuner.study.params import check_training_model
 
     check_training_model(params.training, file=str(params_file), data_dir=data_dir)  # a model reference
-    from ..data import load_dataset  # torch: only once the params file is known to be good
-    from ..train import load_checkpoint, resolve_device, train
+    from tuner.training.data import load_dataset  # torch: only once the params file is known to be good
+    from tuner.training.train import load_checkpoint, resolve_device, train
 
     dev = resolve_device(device)
     data = load_dataset(params.training.dataset, dev, data_dir=data_dir,

@@ -1,0 +1,1 @@
+"""Reading a study: reports, comparisons, verification, the dashboard and export."""

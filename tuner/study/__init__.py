@@ -1,0 +1,1 @@
+"""What a study is: study files, the search space, params files, settings, samplers and pruners."""

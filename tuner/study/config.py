@@ -1,0 +1,232 @@
+"""Study files: what to sweep, on which data, with which budget, sampler and pruner.
+
+    name: quickstart
+    direction: maximize            # validation accuracy
+    dataset: synthetic
+    model: tiny                    # or your own: package.module:callable, path/to/file.py:callable
+    model_options: {}              # optional: keyword arguments for a model reference
+    epochs: 6                      # the budget, and the pruning resource
+    batch_size: 128
+    seed: 0
+    n_trials: 16                   # counts all trials of the study, across workers
+    timeout: null                  # seconds, per sweep run
+    sampler: {name: tpe}           # or just `sampler: tpe`; `options:` pass through to Optuna
+    pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}  # schedule_aware: false
+    storage: null                  # optional SQLAlchemy URL
+    heartbeat: {interval: 60}      # optional: interval, grace_period, max_retry
+    training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile, image_size
+    stages:                        # optional: search a few knobs at a time, in order (stages.py)
+      - {name: lr, knobs: [lr], trials: 8}
+    space:                         # each knob: a fixed value, {low, high, log}, or {choices: [...]}
+      lr: {low: 1.0e-4, high: 1.0e-1, log: true}
+      one_minus_beta1: {low: 1.0e-3, high: 0.5, log: true}
+      ...
+
+Everything is validated when the file is loaded: unknown keys, wrong types, low > high, a log
+range with low <= 0, and empty choices raise `ConfigError` naming the file and the key. A model
+reference is imported and run on one dummy batch of the dataset's shape (`load_study_file`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.engine.stages import Stage, parse_stages
+from tuner.errors import ConfigError
+from tuner.study.params import TrainingParams
+from tuner.study.space import SearchSpace, parse_space
+from tuner.study.validate import Checker, read_yaml
+
+DIRECTIONS = ("maximize",)  # the objective is validation accuracy
+
+
+@dataclass(frozen=True)
+class Component:
+    """A sampler or pruner: a registry name and options passed through to its constructor."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pruner(Component):
+    """The pruner, and whether it waits for each trial's lr warm-up: with `schedule_aware` a trial is not
+    judged at an epoch that ends inside its own warm-up (one-cycle: its rise). Off by default: measured
+    on the real subset it kept no winner and cost epochs (README, "Samplers and pruners")."""
+
+    schedule_aware: bool = False
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    interval: int = 60  # seconds between a running trial's heartbeats
+    grace_period: int | None = None  # seconds without a heartbeat before a trial is stale (2 × interval)
+    max_retry: int = 3  # how often a crashed trial is queued again
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    space: SearchSpace
+    training: TrainingParams  # the budget: dataset, model, epochs, batch size, seed
+    direction: str = "maximize"
+    sampler: Component = field(default_factory=lambda: Component("tpe"))
+    pruner: Pruner = field(default_factory=lambda: Pruner("median"))
+    n_trials: int | None = 20
+    timeout: float | None = None
+    storage: str | None = None
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    source: str | None = None  # the file it came from, for messages
+    stages: tuple[Stage, ...] = ()  # `stages:` (stages.py); n_trials is their sum
+    pack: int | str = "auto"  # `training.pack`: trials a worker trains at once (pack.py); auto: 1 on a CPU
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, as stored in the study. It never holds the storage URL."""
+        t = self.training.to_dict()
+        return {
+            "name": self.name, "direction": self.direction, "dataset": t.pop("dataset"), "model": t.pop("model"),
+            **({"model_options": t.pop("model_options")} if "model_options" in t else {}),
+            "epochs": t.pop("epochs"), "batch_size": t.pop("batch_size"), "seed": t.pop("seed"),
+            "training": {**t, **({"pack": self.pack} if self.pack != "auto" else {})},
+            "n_trials": self.n_trials, "timeout": self.timeout,
+            "sampler": asdict(self.sampler), "pruner": asdict(self.pruner),
+            "heartbeat": asdict(self.heartbeat), "space": self.space.to_dict(),
+            **({"stages": [s.to_dict() for s in self.stages]} if self.stages else {}),
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What may not change when a study is continued: space, stages, direction and budget."""
+        d = self.to_dict()
+        out = {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
+        out["training"] = {k: v for k, v in out["training"].items() if k != "pack"}  # packing changes no result
+        return {**out, "model_options": d.get("model_options"), "stages": d.get("stages")}
+
+
+TOP_KEYS = ("name", "direction", "dataset", "model", "model_options", "epochs", "batch_size", "seed", "n_trials",
+            "timeout", "sampler", "pruner", "storage", "heartbeat", "training", "space", "stages")
+
+
+def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
+    """Validate a study mapping (from a file, or as stored in a study)."""
+    from tuner.study.registry import PRUNERS, SAMPLERS  # the registry names are the valid values
+
+    c = Checker(data, file=file, prefix="", allowed=TOP_KEYS)
+    if not c.has("name"):
+        raise c.error("name", "is required (the study name)")
+    if not c.has("space"):
+        raise c.error("space", "is required (the search space: at least one knob)")
+    n_trials = c.int("n_trials", 20, ge=1, optional=True)
+    timeout = c.float("timeout", None, gt=0.0, optional=True)
+    if n_trials is None and timeout is None and c.raw("stages") is None:
+        raise c.error("n_trials", "set n_trials, timeout, or both")
+    extra = Checker(c.raw("training"), file=file, prefix="training",
+                    allowed=("val_fraction", "augment", "precision", "compile", "image_size", "pack"))
+    from tuner.study.params import (  # one validator for training settings (params files)
+        _training,
+        model_setting,
+        parse_pack,
+    )
+
+    try:  # trials per pack (pack.py): how workers run trials, not a trial's setting
+        pack = parse_pack(extra.data.pop("pack", "auto"))
+    except ValueError as exc:
+        raise extra.error("pack", str(exc)) from None
+
+    model, options = model_setting(c, "model", "model_options")
+    training = _training({
+        "model": model, **({"model_options": options} if options else {}), "epochs": c.int("epochs", 10, ge=1),
+        "batch_size": c.int("batch_size", 512, ge=1), "dataset": c.str("dataset", "cifar10"),
+        "seed": c.int("seed", 0, ge=0), **extra.data,
+    }, file)
+    space = parse_space(c.raw("space"), file=file)
+    stages = parse_stages(c.raw("stages"), space, file=file)
+    if stages:
+        total = sum(s.trials for s in stages)
+        if c.has("n_trials") and n_trials != total:
+            given = "null" if n_trials is None else n_trials
+            raise c.error("n_trials", f"is {given}, but the stages add up to {total} trials "
+                                      f"({' + '.join(str(s.trials) for s in stages)}): leave n_trials out, or set it "
+                                      f"to {total}")
+        n_trials = total
+    return StudyConfig(
+        name=c.str("name", None),
+        direction=c.str("direction", "maximize", choices=DIRECTIONS),
+        training=training,
+        space=space,
+        sampler=_component(c, "sampler", "tpe", SAMPLERS),
+        pruner=_pruner(c, PRUNERS),
+        n_trials=n_trials,
+        timeout=timeout,
+        storage=c.str("storage", None, optional=True),
+        heartbeat=_heartbeat(c.raw("heartbeat"), file),
+        pack=pack,
+        source=file,
+        stages=stages,
+    )
+
+
+def _pruner(c: Checker, registry: dict[str, Any]) -> Pruner:
+    raw = c.raw("pruner", "median")
+    base = _component(c, "pruner", "median", registry, extra=("schedule_aware",))
+    aware = False
+    if isinstance(raw, dict):
+        aware = Checker(raw, file=c.file, prefix="pruner", allowed=("name", "options", "schedule_aware")).bool(
+            "schedule_aware", False)
+    return Pruner(name=base.name, options=base.options, schedule_aware=aware)
+
+
+def _component(c: Checker, key: str, default: str, registry: dict[str, Any],
+               extra: tuple[str, ...] = ()) -> Component:
+    raw = c.raw(key, default)
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    sub = Checker(raw, file=c.file, prefix=key, allowed=("name", "options", *extra))
+    name = sub.str("name", default, choices=sorted(registry))
+    options = sub.raw("options") or {}
+    if not isinstance(options, dict):
+        raise sub.error("options", f"must be a mapping of constructor arguments, got {options!r}")
+    for opt in options:
+        if opt in ("seed",):
+            raise sub.error(f"options.{opt}", "is set from the study's top-level `seed`")
+    from tuner.study.registry import check_options
+
+    problem = check_options(registry[name], options)
+    if problem:
+        raise sub.error("options", problem)
+    return Component(name=name, options=dict(options))
+
+
+def _heartbeat(raw: Any, file: str | None) -> Heartbeat:
+    d = Heartbeat()
+    c = Checker(raw, file=file, prefix="heartbeat", allowed=("interval", "grace_period", "max_retry"))
+    interval = c.int("interval", d.interval, ge=1)
+    grace = c.int("grace_period", None, ge=1, optional=True)
+    if grace is not None and grace < interval:
+        raise c.error("grace_period", f"must be >= interval ({interval}), got {grace}")
+    return Heartbeat(interval=interval, grace_period=grace, max_retry=c.int("max_retry", d.max_retry, ge=0))
+
+
+def load_study_file(path: str | Path, *, check_model: bool = True) -> StudyConfig:
+    """Read and validate a study file. A model reference is imported, built on the CPU and run on one
+    dummy batch of the dataset's shape unless `check_model` is false (see `check_study_model`)."""
+    data, name = read_yaml(path)
+    config = parse_study(data, file=name)
+    if check_model:
+        check_study_model(config)
+    return config
+
+
+def check_study_model(config: StudyConfig, data_dir: str | Path | None = None) -> None:
+    """A model reference, imported and tried on one dummy batch (`ConfigError` naming the file and `model`)."""
+    from tuner.study.params import check_training_model
+
+    check_training_model(config.training, file=config.source, key="model", data_dir=data_dir)
+
+
+def config_from_stored(data: dict[str, Any], study_name: str) -> StudyConfig:
+    """The config stored in a study (by `tuner sweep`), read back by workers and other commands."""
+    if not isinstance(data, dict):
+        raise ConfigError("has no tuner config; was it created by `tuner sweep`?", key=f"study {study_name!r}")
+    return parse_study(data, file=f"study {study_name!r}")
