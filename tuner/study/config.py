@@ -36,10 +36,9 @@ from typing import Any
 from tuner.engine.stages import Stage, parse_stages
 from tuner.errors import ConfigError
 from tuner.study.params import TrainingParams
+from tuner.study.schema import DIRECTIONS, allowed
 from tuner.study.space import SearchSpace, parse_space
 from tuner.study.validate import Checker, read_yaml
-
-DIRECTIONS = ("maximize",)  # the objective is validation accuracy
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,7 @@ class StudyConfig:
         return {**out, "model_options": d.get("model_options"), "stages": d.get("stages")}
 
 
-TOP_KEYS = ("name", "direction", "dataset", "model", "model_options", "epochs", "batch_size", "seed", "n_trials",
-            "timeout", "sampler", "pruner", "storage", "heartbeat", "training", "space", "stages")
+TOP_KEYS = allowed("")  # every key is described in tuner.study.schema.STUDY_FILE
 
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
@@ -121,12 +119,11 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     timeout = c.float("timeout", None, gt=0.0, optional=True)
     if n_trials is None and timeout is None and c.raw("stages") is None:
         raise c.error("n_trials", "set n_trials, timeout, or both")
-    extra = Checker(c.raw("training"), file=file, prefix="training",
-                    allowed=("val_fraction", "augment", "precision", "compile", "image_size", "pack"))
+    extra = Checker(c.raw("training"), file=file, prefix="training", allowed=allowed("training"))
     from tuner.study.params import (  # one validator for training settings (params files)
-        _training,
         model_setting,
         parse_pack,
+        training_params,
     )
 
     try:  # trials per pack (pack.py): how workers run trials, not a trial's setting
@@ -135,7 +132,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         raise extra.error("pack", str(exc)) from None
 
     model, options = model_setting(c, "model", "model_options")
-    training = _training({
+    training = training_params({
         "model": model, **({"model_options": options} if options else {}), "epochs": c.int("epochs", 10, ge=1),
         "batch_size": c.int("batch_size", 512, ge=1), "dataset": c.str("dataset", "cifar10"),
         "seed": c.int("seed", 0, ge=0), **extra.data,
@@ -169,20 +166,19 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
 
 def _pruner(c: Checker, registry: dict[str, Any]) -> Pruner:
     raw = c.raw("pruner", "median")
-    base = _component(c, "pruner", "median", registry, extra=("schedule_aware",))
+    base = _component(c, "pruner", "median", registry)
     aware = False
     if isinstance(raw, dict):
-        aware = Checker(raw, file=c.file, prefix="pruner", allowed=("name", "options", "schedule_aware")).bool(
+        aware = Checker(raw, file=c.file, prefix="pruner", allowed=allowed("pruner")).bool(
             "schedule_aware", False)
     return Pruner(name=base.name, options=base.options, schedule_aware=aware)
 
 
-def _component(c: Checker, key: str, default: str, registry: dict[str, Any],
-               extra: tuple[str, ...] = ()) -> Component:
+def _component(c: Checker, key: str, default: str, registry: dict[str, Any]) -> Component:
     raw = c.raw(key, default)
     if isinstance(raw, str):
         raw = {"name": raw}
-    sub = Checker(raw, file=c.file, prefix=key, allowed=("name", "options", *extra))
+    sub = Checker(raw, file=c.file, prefix=key, allowed=allowed(key))
     name = sub.str("name", default, choices=sorted(registry))
     options = sub.raw("options") or {}
     if not isinstance(options, dict):
@@ -200,7 +196,7 @@ def _component(c: Checker, key: str, default: str, registry: dict[str, Any],
 
 def _heartbeat(raw: Any, file: str | None) -> Heartbeat:
     d = Heartbeat()
-    c = Checker(raw, file=file, prefix="heartbeat", allowed=("interval", "grace_period", "max_retry"))
+    c = Checker(raw, file=file, prefix="heartbeat", allowed=allowed("heartbeat"))
     interval = c.int("interval", d.interval, ge=1)
     grace = c.int("grace_period", None, ge=1, optional=True)
     if grace is not None and grace < interval:

@@ -24,12 +24,9 @@ from typing import Any
 import yaml
 
 from tuner.errors import ConfigError
+from tuner.study.schema import CLIP_MODES, OPTIMIZERS, PARAMS_FILE, PRECISIONS, SCHEDULES, allowed
 from tuner.study.validate import Checker, as_float, read_yaml
 
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("constant", "step", "exponential", "cosine", "linear", "onecycle")
-CLIP_MODES = ("none", "norm", "value")
-PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODEL = "fastcnn"
 
 
@@ -142,20 +139,21 @@ class TrialParams:
         return {"optimizer": opt, "schedule": sched, "clipping": clip, "training": self.training.to_dict()}
 
 
-def parse_params(data: Any, *, file: str | None = None, extra_keys: tuple[str, ...] = ("study",)) -> TrialParams:
-    """Validate a params mapping. Unknown keys and out-of-range values raise `ConfigError`."""
-    top = Checker(data, file=file, prefix="", allowed=("optimizer", "schedule", "clipping", "training", *extra_keys))
+def parse_params(data: Any, *, file: str | None = None) -> TrialParams:
+    """Validate a params mapping. Unknown keys and out-of-range values raise `ConfigError`; the keys
+    are those of `tuner.study.schema.PARAMS_FILE` (an exported file's `study:` block is informational)."""
+    top = Checker(data, file=file, prefix="", allowed=allowed("", PARAMS_FILE))
     return TrialParams(
         optimizer=_optimizer(top.raw("optimizer"), file),
         schedule=_schedule(top.raw("schedule"), file),
         clipping=_clipping(top.raw("clipping"), file),
-        training=_training(top.raw("training"), file),
+        training=training_params(top.raw("training"), file),
     )
 
 
 def _optimizer(data: Any, file: str | None) -> OptimizerParams:
     d = OptimizerParams()
-    c = Checker(data, file=file, prefix="optimizer", allowed=("name", "lr", "betas", "eps", "weight_decay", "amsgrad"))
+    c = Checker(data, file=file, prefix="optimizer", allowed=allowed("optimizer", PARAMS_FILE))
     betas_raw = c.raw("betas", list(d.betas))
     if not isinstance(betas_raw, (list, tuple)) or len(betas_raw) != 2:
         raise c.error("betas", f"must be a list of two numbers, got {betas_raw!r}")
@@ -177,8 +175,7 @@ def _optimizer(data: Any, file: str | None) -> OptimizerParams:
 
 def _schedule(data: Any, file: str | None) -> ScheduleParams:
     d = ScheduleParams()
-    c = Checker(data, file=file, prefix="schedule",
-                allowed=("name", "warmup_fraction", "gamma", "milestones", "min_lr_fraction", "pct_start"))
+    c = Checker(data, file=file, prefix="schedule", allowed=allowed("schedule", PARAMS_FILE))
     milestones = c.raw("milestones")
     if milestones is not None:
         if not isinstance(milestones, (list, tuple)) or not milestones:
@@ -199,7 +196,7 @@ def _schedule(data: Any, file: str | None) -> ScheduleParams:
 
 
 def _clipping(data: Any, file: str | None) -> ClippingParams:
-    c = Checker(data, file=file, prefix="clipping", allowed=("mode", "threshold"))
+    c = Checker(data, file=file, prefix="clipping", allowed=allowed("clipping", PARAMS_FILE))
     mode = c.str("mode", "none", choices=CLIP_MODES)
     if mode == "none":
         threshold = c.float("threshold", None, gt=0.0, optional=True)
@@ -209,11 +206,11 @@ def _clipping(data: Any, file: str | None) -> ClippingParams:
     return ClippingParams(mode=mode, threshold=c.float("threshold", None, gt=0.0))
 
 
-TRAINING_KEYS = ("model", "model_options", "epochs", "batch_size", "dataset", "seed", "val_fraction", "augment",
-                 "precision", "compile", "image_size")
+TRAINING_KEYS = allowed("training", PARAMS_FILE)
 
 
-def _training(data: Any, file: str | None) -> TrainingParams:
+def training_params(data: Any, file: str | None) -> TrainingParams:
+    """Validate a `training:` mapping (a params file's, or a study file's budget and training settings)."""
     d = TrainingParams()
     c = Checker(data, file=file, prefix="training", allowed=TRAINING_KEYS)
     model, options = model_setting(c, "model", "model_options")
@@ -263,7 +260,7 @@ def _augment(c: Checker) -> bool | Augment:
         return raw
     if not isinstance(raw, Mapping):
         raise c.error("augment", f"must be true, false or a mapping {{crop_padding, flip}}, got {raw!r}")
-    sub = Checker(raw, file=c.file, prefix=c.key("augment"), allowed=("crop_padding", "flip"))
+    sub = Checker(raw, file=c.file, prefix=c.key("augment"), allowed=allowed("training.augment", PARAMS_FILE))
     aug = Augment(crop_padding=sub.int("crop_padding", None, ge=0, optional=True), flip=sub.bool("flip", True))
     return True if aug == Augment() else aug
 

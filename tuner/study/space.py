@@ -24,7 +24,11 @@ from tuner.study.params import (
     TrainingParams,
     TrialParams,
 )
+from tuner.study.schema import KNOB, allowed
 from tuner.study.validate import Checker, as_float
+
+_RANGE_KEYS = tuple(k for k in allowed(f"space.{KNOB}") if k != "choices")  # low, high, log, step
+_CHOICES_KEYS = ("choices",)
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class SearchSpace:
 
 
 def parse_space(data: Any, *, file: str | None = None) -> SearchSpace:
-    c = Checker(data, file=file, prefix="space", allowed=KNOBS)
+    c = Checker(data, file=file, prefix="space", allowed=allowed("space"))  # the schema's knobs: KNOBS
     if not c.data:
         raise ConfigError("must name at least one knob", file=file, key="space")
     for a, b in (("beta1", "one_minus_beta1"), ("beta2", "one_minus_beta2")):
@@ -127,12 +131,12 @@ def _knob(c: Checker, name: str, raw: Any) -> Knob:
     if not isinstance(raw, dict):
         return Fixed(check(raw, key))
     if "choices" in raw:
-        sub = Checker(raw, file=c.file, prefix=key, allowed=("choices",))
+        sub = Checker(raw, file=c.file, prefix=key, allowed=_CHOICES_KEYS)
         choices = sub.raw("choices")
         if not isinstance(choices, list) or not choices:
             raise sub.error("choices", "must be a non-empty list")
         return Choices(tuple(check(v, f"{key}.choices[{i}]") for i, v in enumerate(choices)))
-    sub = Checker(raw, file=c.file, prefix=key, allowed=("low", "high", "log", "step"))
+    sub = Checker(raw, file=c.file, prefix=key, allowed=_RANGE_KEYS)
     if spec.kind != "float":
         raise ConfigError("is categorical: give a fixed value or {choices: [...]}, not a range",
                           file=c.file, key=key)
