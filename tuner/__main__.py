@@ -1,3 +1,5 @@
+"""`python -m tuner`: the `tuner` command."""
+
 from tuner.cli import run
 
 run()
