@@ -197,9 +197,9 @@ def pruning_savings(ctx: Context) -> Measurement:
         values["pruning_best_gap_points"] = rounded(100 * (runs["unpruned"]["best"] - runs["pruned"]["best"]))
     values["trials_per_hour_subset"] = rounded(3600 * n / runs["pruned"]["wall_s"])
     # Schedule-aware pruning, replayed: the unpruned curves of this seed and of seed 1 (the seed whose
-    # winner, a one-cycle trial, median pruning stopped: README "Pruning") go through the default pruner
-    # with its hold on and off; each trial's curve is the same with or without pruning, so pruning only
-    # truncates it. One more unpruned sweep (seed 1); the replay itself trains nothing.
+    # winner, a one-cycle trial, median pruning stopped: benchmarks/RESULTS.md, 2026-11 "Pruning") go
+    # through the default pruner with its hold on and off; each trial's curve is the same with or
+    # without pruning, so pruning only truncates it. One more unpruned sweep (seed 1); the replay itself trains nothing.
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for seed in (0, 1):

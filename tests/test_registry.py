@@ -44,7 +44,7 @@ def test_every_pruner_builds(name, cls):
 
 def test_pruner_options_pass_through_and_unknown_names():
     assert build_pruner("median", {"n_startup_trials": 2}, 8)._n_startup_trials == 2
-    default = build_pruner("median", {}, 8)  # the study default: see README "Performance"
+    default = build_pruner("median", {}, 8)  # the study default: see docs/performance.md
     assert (default._n_startup_trials, default._n_warmup_steps, default._percentile) == (3, 1, 50.0)
     assert build_pruner("hyperband", {}, 8)._max_resource == 8
     with pytest.raises(ValueError, match="valid: hyperband, median"):

@@ -53,7 +53,7 @@ def _study(**pruner: object) -> dict:
 
 
 def test_setting_defaults_off_and_turns_on():
-    # off by default since the 2026-12-03 measurements (README "Samplers and pruners"): it kept no winner
+    # off by default since the 2026-12-03 measurements (benchmarks/RESULTS.md, docs/study-files.md "Samplers and pruners"): it kept no winner
     assert parse_study(_study(), file="s.yaml").pruner.schedule_aware is False
     assert parse_study({**_study(), "pruner": "median"}, file="s.yaml").pruner.schedule_aware is False
     on = parse_study(_study(schedule_aware=True), file="s.yaml")

@@ -53,7 +53,8 @@ class Component:
 class Pruner(Component):
     """The pruner, and whether it waits for each trial's lr warm-up: with `schedule_aware` a trial is not
     judged at an epoch that ends inside its own warm-up (one-cycle: its rise). Off by default: measured
-    on the real subset it kept no winner and cost epochs (README, "Samplers and pruners")."""
+    on the real subset it kept no winner and cost epochs (docs/study-files.md, "Samplers and pruners"; the
+    runs are in benchmarks/RESULTS.md)."""
 
     schedule_aware: bool = False
 

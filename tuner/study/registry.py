@@ -53,7 +53,7 @@ def _threshold(max_epochs: int, **opts: Any) -> pruners.BasePruner:
 PRUNERS: dict[str, Callable[..., pruners.BasePruner]] = {
     # the default: 3 finished trials before the first prune (Optuna's default is 5), then stop a
     # trial whose epoch-k accuracy is below the median of the finished trials' epoch-k accuracy;
-    # see README "Performance" for what it saves and what it costs
+    # see docs/performance.md for what it saves and what it costs
     "median": lambda e, **o: pruners.MedianPruner(**{"n_startup_trials": 3, "n_warmup_steps": 1, **o}),
     "percentile": lambda e, **o: pruners.PercentilePruner(**{"percentile": 25.0, "n_startup_trials": 5,
                                                            "n_warmup_steps": 1, **o}),
