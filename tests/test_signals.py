@@ -9,6 +9,7 @@ command, reading the study, when the signal comes.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -182,3 +183,33 @@ def test_dashboard_stops_while_serving(tmp_path, sig, code):
     finally:
         proc.kill()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The line a stopped worker prints
+# ---------------------------------------------------------------------------------------------
+
+NEXT_RUN = "on the next `tuner sweep` or `tuner worker`"
+
+
+@pytest.mark.parametrize("interrupted, says", [
+    ([], "no trial was running, so none is left to resume"),
+    ([3], f"trial 3 will resume from its checkpoint {NEXT_RUN}"),
+    ([3, 7], f"trials 3 and 7 will resume from their checkpoints {NEXT_RUN}"),
+    ([3, 4, 7], f"trials 3, 4 and 7 will resume from their checkpoints {NEXT_RUN}"),
+], ids=["none", "one", "two", "three"])
+def test_a_stopped_worker_says_what_resumes_in_a_sentence(interrupted, says, capsys):
+    from tuner.engine.faults import Interrupted, StopController
+
+    stop = StopController().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the worker's handler
+        wait_for("the stop request", lambda: stop.stop_requested, 5)
+        stop.interrupted.extend(interrupted)
+        with pytest.raises(Interrupted) as caught:
+            stop.raise_if_stopped()
+    finally:
+        stop.restore()
+    assert str(caught.value) == f"interrupted by SIGTERM: {says}"
+    assert caught.value.exit_code == 143
+    assert "received SIGTERM: stopping after the current epoch" in capsys.readouterr().err
