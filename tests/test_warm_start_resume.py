@@ -51,9 +51,9 @@ def test_a_warm_start_interrupted_by_ctrl_c_is_completed_by_the_next_run(tmp_pat
     other = f"sqlite:///{tmp_path / 'other.db'}"
     numbers = source(other)
     path = target_file(tmp_path)
-    args = ["sweep", str(path), "--create-only", "--warm-start", f"{other}#src", "--warm-top", str(N)]
+    warm = ["--warm-start", f"{other}#src", "--warm-top", str(N)]
     env = env_for(pg_url)
-    first = Proc(tmp_path, "first", *args, env=env)
+    first = Proc(tmp_path, "first", "sweep", str(path), "--device", "cpu", *warm, env=env)
     try:
         wait_line(first, f"warm start 20/{N} ")
         stopped(first, signal.SIGINT, 130)
@@ -63,6 +63,7 @@ def test_a_warm_start_interrupted_by_ctrl_c_is_completed_by_the_next_run(tmp_pat
     assert 20 <= sum(before.values()) < N and set(before.values()) == {1}, before
     assert marker(pg_url) is None  # not complete: not recorded
 
+    args = ["sweep", str(path), "--create-only", *warm]  # the queue only: the 300 trials are not run here
     again = run_cli(*args, cwd=tmp_path, env=env, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert (f"completing the interrupted warm start of study 'dst': {sum(before.values())} of {N} configs "
