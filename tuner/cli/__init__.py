@@ -1,7 +1,11 @@
 """The `tuner` command line: thin commands that parse, call one function and print.
 
 Every user error is a `TunerError`, printed here as one line (passwords redacted), with its exit
-code: 2 for usage/config errors, 1 for runtime failures. `--debug` shows the traceback.
+code: 2 for usage/config errors, 1 for runtime failures. `--debug` shows the traceback. SIGINT
+and SIGTERM stop any command with exit 130 / 143 and one line (tuner/cli/signals.py).
+
+The Typer `app` lives in tuner/cli/app.py; the command modules register their commands on it and
+are imported here.
 """
 
 from __future__ import annotations
@@ -10,44 +14,16 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from functools import cache
-from typing import Annotated
+from typing import Any, NoReturn
 
 import typer
 
-from tuner import __version__
+from tuner.cli.app import app
+from tuner.cli.signals import CommandSignals, stopped_message
+from tuner.cli.versions import OPTUNA_REQUIREMENT, installed_version, optuna_problem, versions
 from tuner.errors import TunerError, redact
 
-# The Optuna releases tuner runs on; pyproject.toml's `optuna` dependency says the same
-# (tests/test_startup.py checks that the two agree).
-OPTUNA_REQUIREMENT = ">=5.0,<5.2"
-
-
-@cache
-def installed_version(dist: str) -> str | None:
-    """The installed version of distribution `dist`, read from its metadata (nothing is imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def optuna_problem(found: str | None) -> str | None:
-    """Why Optuna version `found` (None: not installed) cannot run tuner, as one line; None if it can.
-    Development and pre-releases inside the range are accepted (5.1.0.dev0), those of its ends are not."""
-    if found is not None:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import InvalidVersion, Version
-
-        try:
-            if SpecifierSet(OPTUNA_REQUIREMENT).contains(Version(found), prereleases=True):
-                return None
-        except InvalidVersion:
-            pass
-    return (f"tuner needs optuna{OPTUNA_REQUIREMENT}, found {found or 'none'} "
-            f"(pip install 'optuna{OPTUNA_REQUIREMENT}')")
+__all__ = ["OPTUNA_REQUIREMENT", "app", "installed_version", "main", "optuna_problem", "run", "versions"]
 
 
 def _check_optuna() -> None:
@@ -57,48 +33,10 @@ def _check_optuna() -> None:
         fail(problem, 1)
 
 
-def versions() -> dict[str, str]:
-    """tuner's, Optuna's and torch's versions (from package metadata: torch is not imported)."""
-    return {"tuner": __version__, "optuna": installed_version("optuna") or "not installed",
-            "torch": installed_version("torch") or "not installed"}
-
-
-app = typer.Typer(
-    name="tuner",
-    help="Hyperparameter tuning of Adam on CIFAR-10: train, sweep, report, export.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts contain [brackets] that are not markup
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _print_versions(value: bool) -> None:
-    if value:
-        for name, version in versions().items():
-            print(f"{name} {version}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option(
-        "--version", help="Print the versions of tuner, Optuna and torch, and exit.", is_eager=True,
-        callback=_print_versions)] = False,
-) -> None:
-    """Hyperparameter tuning of Adam on CIFAR-10: train, sweep, report, export."""
-    import optuna  # a command runs: tuner prints its own lines, Optuna only its warnings
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
 def _register_commands() -> None:
-    """Import the command modules; each registers its commands on `app`. They import Optuna, so
-    only with a supported Optuna (otherwise `main` says so in one line)."""
-    from tuner.cli import train  # noqa: F401
-
-    for module in ("sweep", "query", "report", "bench"):
+    """Import the command modules; each registers its commands on `app` (tuner.cli.app). They
+    import Optuna, so only with a supported Optuna (otherwise `main` says so in one line)."""
+    for module in ("train", "sweep", "query", "report", "bench"):
         try:
             __import__(f"{__name__}.{module}")
         except ModuleNotFoundError as exc:  # a command group not written yet
@@ -115,17 +53,9 @@ def _debug(argv: Sequence[str]) -> bool:
     return "--debug" in argv or os.environ.get("TUNER_DEBUG") == "1"
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def _ignore_signals() -> None:
-    """Exiting after a signal: a further Ctrl-C/SIGTERM must not turn exit 130/143 into a traceback."""
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def run() -> None:
@@ -165,27 +95,49 @@ def run() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The command line (tests call it in-process with `argv`; the console script is `run`)."""
+    """The command line (tests call it in-process with `argv`; the console script is `run`).
+
+    Exits 0 when done, 1 on a runtime failure, 2 on bad input, 128 + the signal's number when
+    SIGINT or SIGTERM stopped the command (130, 143), each failure with one line on stderr."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(args)
     _check_optuna()
     command = typer.main.get_command(app)
+    with CommandSignals() as signals:
+        code = _invoke(command, args, debug, signals)
+        if signals.signum is not None or code == 130:  # typer returns a KeyboardInterrupt as 130
+            _stopped(signals)
+        if code:
+            raise SystemExit(code)
+
+
+def _stopped(signals: CommandSignals, message: str | None = None, code: int | None = None) -> NoReturn:
+    """Stopped by a signal: one line (the worker's own, or which signal it was) and 128 + its number."""
+    import signal
+
+    signals.stopping()
+    signum = signals.signum or signal.SIGINT
+    print(redact(message or stopped_message(signum)), file=sys.stderr, flush=True)
+    raise SystemExit(code or 128 + signum)
+
+
+def _invoke(command: Any, args: list[str], debug: bool, signals: CommandSignals) -> int:
+    """Run the command; returns its exit code (an int it returned, a `typer.Exit`'s code, or 130
+    for a KeyboardInterrupt, which typer turns into a returned 130 with standalone_mode=False)."""
     try:
-        command.main(args=args, prog_name="tuner", standalone_mode=False)
+        returned = command.main(args=args, prog_name="tuner", standalone_mode=False)
     except TunerError as exc:
         if debug:
             traceback.print_exc()
-        if getattr(exc, "signal_exit", False):  # stopped by SIGINT/SIGTERM: 130 / 143, not an error
-            _ignore_signals()
-            print(redact(str(exc)), file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+        if getattr(exc, "signal_exit", False):  # a worker stopped by SIGINT/SIGTERM: its own line, 130 / 143
+            _stopped(signals, str(exc), exc.exit_code)
+        if signals.signum is not None:  # a failure caused by the interruption
+            _stopped(signals)
         fail(str(exc), exc.exit_code)
     except typer.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except typer.Abort:
-        _ignore_signals()
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        return int(exc.exit_code or 0)
+    except typer.Abort:  # end of input at a prompt
+        _stopped(signals, "interrupted", 130)
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":
             print(exc.format_message(), file=sys.stderr)
@@ -194,14 +146,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc()
         fail(exc.format_message(), exc.exit_code)
     except KeyboardInterrupt:
-        _ignore_signals()
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        _stopped(signals)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()
+        if signals.signum is not None:  # a failure caused by the interruption
+            _stopped(signals)
         from tuner.storage.database import is_transient, reason
 
         if is_transient(exc):  # a database that went away outside a worker's retried steps
             fail(f"storage: the database is unreachable ({reason(exc)})", 1)
         fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+    if isinstance(returned, bool) or not isinstance(returned, int):  # a command's return value is not a code
+        return 0
+    return returned

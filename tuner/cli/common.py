@@ -41,3 +41,21 @@ def progress_bar(*, transient: bool = False):  # noqa: ANN201 - rich.progress.Pr
 
     return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=transient)
+
+
+def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """A table on stdout: a Rich table on a terminal, aligned plain columns otherwise."""
+    if interactive():
+        from rich.table import Table
+
+        shown = Table(title=title)
+        for h in headers:
+            shown.add_column(h)
+        for r in rows:
+            shown.add_row(*r)
+        console.print(shown)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        say("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from optuna.trial import TrialState
 
-from tuner.cli import app
-from tuner.cli.common import Debug, StorageOpt, console, err_console, interactive, say
+from tuner.cli.app import app
+from tuner.cli.common import Debug, StorageOpt, err_console, say, table
 from tuner.cli.sweep import describe
 from tuner.errors import ConfigError
 from tuner.storage import keys
@@ -19,23 +19,6 @@ from tuner.storage.database import open_storage, require_study
 from tuner.study.settings import Settings
 
 NameArg = Annotated[str, typer.Argument(help="Study name.")]
-
-
-def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    if interactive():
-        from rich.table import Table
-
-        table = Table(title=title)
-        for h in headers:
-            table.add_column(h)
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        say("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @app.command("studies")
@@ -57,7 +40,7 @@ def studies_command(storage: StorageOpt = None, debug: Debug = False) -> None:
     if not rows:
         say(f"no studies in {url.shown}")
         return
-    _table("studies", ["name", "trials", "by state", "best", "last activity"], rows)
+    table("studies", ["name", "trials", "by state", "best", "last activity"], rows)
 
 
 @app.command("best")
@@ -72,7 +55,7 @@ def best_command(name: NameArg, top: Annotated[int, typer.Option("--top", help="
         say(f"study {name!r} has no COMPLETE trial yet")
         return
     staged = any(keys.STAGE in t.user_attrs for t in trials)  # a staged study: which stage found it
-    _table(f"best of {name}", ["rank", "trial", "val_acc", *(["stage"] if staged else []), "params"],
+    table(f"best of {name}", ["rank", "trial", "val_acc", *(["stage"] if staged else []), "params"],
            [[str(i + 1), str(t.number), f"{t.value:.4f}", *([str(t.user_attrs.get(keys.STAGE, "-"))] if staged else []),
              describe(t.user_attrs.get(keys.PARAMS))] for i, t in enumerate(trials)])
 

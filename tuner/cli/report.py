@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tuner.cli import app
+from tuner.cli.app import app
 from tuner.cli.common import (
     DataDirOpt,
     Debug,
@@ -17,8 +17,8 @@ from tuner.cli.common import (
     interactive,
     progress_bar,
     say,
+    table,
 )
-from tuner.cli.query import _table
 from tuner.errors import ConfigError
 from tuner.storage.database import open_storage
 from tuner.study.settings import Settings
@@ -63,7 +63,7 @@ def compare_command(
         raise ConfigError(f"study {dupes[0]!r} is given more than once", key="NAMES")
     info = load_compare(open_storage(Settings.resolve(storage).storage, must_exist=True), list(names))
     headers, rows = table_rows(info)
-    _table("compare", headers, rows)
+    table("compare", headers, rows)
     if output is not None:
         write_compare(info, output)
         err_console.print(f"wrote {output}")
@@ -127,5 +127,5 @@ def verify_command(
                      f"{e['mean']:.4f} ± {e['std']:.4f}" if e.get("n") else "–", str(e.get("n", 0)),
                      f"{sum(tests) / len(tests):.4f}" if tests else "–",
                      "export" if r.trial == best.number else ""])
-    _table(f"verify {name}", ["trial", "single run", "mean ± std", "n", "test mean", "pick"], rows)
+    table(f"verify {name}", ["trial", "single run", "mean ± std", "n", "test mean", "pick"], rows)
     say(f"tuner export picks trial {best.number} ({block['selected_by']})")

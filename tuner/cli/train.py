@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tuner.cli import app
+from tuner.cli.app import app
 from tuner.cli.common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, interactive, say
 from tuner.errors import DivergedError
 from tuner.study.params import check_override, load_params

@@ -67,8 +67,17 @@ class StopController:
     def raise_if_stopped(self) -> None:
         if self.signum is None:
             return
-        name = signal.Signals(self.signum).name
-        queued = ", ".join(map(str, self.interrupted))
-        tail = (f"trial {queued} will resume from its checkpoint" if len(self.interrupted) == 1 else
-                f"trials {queued} will resume from their checkpoints") if self.interrupted else "no trial was running"
-        raise Interrupted(f"interrupted by {name}: {tail} on the next `tuner sweep` or `tuner worker`", self.signum)
+        raise Interrupted(stop_message(self.signum, self.interrupted), self.signum)
+
+
+def stop_message(signum: int, interrupted: list[int]) -> str:
+    """The line a worker stopped by signal `signum` prints: which trials (`interrupted`, stopped at
+    an epoch boundary and queued) resume on the next run, or that none was running."""
+    name = signal.Signals(signum).name
+    if not interrupted:
+        return f"interrupted by {name}: no trial was running, so none is left to resume"
+    numbers = [str(n) for n in interrupted]
+    listed = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
+    which = (f"trial {listed} will resume from its checkpoint" if len(numbers) == 1
+             else f"trials {listed} will resume from their checkpoints")
+    return f"interrupted by {name}: {which} on the next `tuner sweep` or `tuner worker`"

@@ -116,12 +116,7 @@ def _warm_start(storage: Any, sid: int, config: StudyConfig, budget: int | None,
                 picks: list[Any]) -> None:
     from tuner.engine.warmstart import enqueue
 
-    say = ws.say or (lambda _line: None)
-    if keys.WARM_STARTED in storage.get_study_user_attrs(sid) or storage.get_all_trials(sid, deepcopy=False):
-        say(f"warm start skipped: study {config.name!r} already has trials (a study is warm-started once, "
-            "before its first trial)")
-        return
-    enqueue(storage, sid, picks, config.space, budget, ws.labels, say)
+    enqueue(storage, sid, picks, config.space, budget, ws.labels, ws.say)  # also completes an interrupted one
 
 
 def stored_config(storage: Any, name: str) -> StudyConfig:

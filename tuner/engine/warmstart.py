@@ -10,13 +10,19 @@ The configs are queued the way a tuner worker queues its own trials: a WAITING t
 template with a `tuner_queued` token (keys.QUEUED), created in one transaction through the
 storage's `create_new_trial`, with the mapped params and their distributions set in it, so
 `study.ask()` pops them first and `suggest` returns their values. They count toward `n_trials`
-like every trial; at most `n_trials` configs are queued. A study is warm-started once, when it is
-created (study user attr `tuner_warm_start`).
+like every trial; at most `n_trials` configs are queued. A study is warm-started once, before its
+first trial; the study user attr `tuner_warm_start` records it once every config is queued.
+
+An interrupted warm start (Ctrl-C after 22 of 300 configs) has no `tuner_warm_start` yet: the
+next `tuner sweep --warm-start` completes it, queuing only the configs not queued before (each
+queued trial names its source in the system attr `tuner_warm_start_pick`), then records it. A study
+whose trials are none of a warm start's is not warm-started.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +34,13 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from tuner.errors import ConfigError, StudyNotFoundError
 from tuner.storage import keys
-from tuner.storage.database import StorageURL, open_storage, require_study
+from tuner.storage.database import StorageURL, display, open_storage, require_study
 from tuner.study.space import KNOBS, Choices, Fixed, Range, SearchSpace
 
 FLAG = "--warm-start"
 DEFAULT_TOP = 5
+# system attr of a queued warm-start trial: [source label, source trial number], which pick it is
+PICK = "tuner_warm_start_pick"
 
 
 @dataclass
@@ -47,11 +55,17 @@ class WarmStart:
 
 @dataclass
 class Pick:
-    """One config of a source study: its study, trial number and knob values."""
+    """One config of a source study: its study, trial number and knob values; `label` names the
+    source as recorded (STUDY, or SHOWN-URL#STUDY for another storage)."""
 
     study: str
     number: int
     values: dict[str, Any]
+    label: str = ""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.label or self.study, self.number)
 
 
 @dataclass
@@ -62,15 +76,29 @@ class Mapped:
 
 
 def parse_sources(text: str) -> list[tuple[str | None, str]]:
-    """`STUDY[,STUDY...]`, each `STUDY` or `URL#STUDY`, as (url or None, study name)."""
+    """`STUDY[,STUDY...]`, each `STUDY` or `URL#STUDY`, as (url or None, study name). A bad part
+    is a ConfigError naming `--warm-start`; a URL in it is shown without its password."""
     out: list[tuple[str | None, str]] = []
     for part in text.split(","):
         part = part.strip()
         url, sep, name = part.rpartition("#")
         if not part or not name or (sep and not url):
-            raise ConfigError(f"expected STUDY or URL#STUDY (comma-separated), got {part!r}", key=FLAG)
+            shown = f"{_shown(url)}#{name}" if sep else part
+            raise ConfigError(f"expected STUDY or URL#STUDY (comma-separated), got {shown!r}", key=FLAG)
+        if sep:
+            try:
+                StorageURL.parse(url)
+            except ConfigError:
+                raise ConfigError(f"{_shown(url)!r} before '#{name}' is not a storage URL: expected STUDY or "
+                                  "URL#STUDY, e.g. sqlite:///other.db#study or postgresql+psycopg://user@host/db#study",
+                                  key=FLAG) from None
         out.append((url if sep else None, name))
     return out
+
+
+def _shown(url: str) -> str:
+    """`url` as it may be printed: a password after `user:` is `***`, with or without a scheme."""
+    return re.sub(r":[^:@/\s]*@", ":***@", display(url))
 
 
 def check_top(top: int) -> None:
@@ -110,7 +138,7 @@ def load_sources(ws: WarmStart, default: StorageURL) -> list[Pick]:
         sign = -1.0 if directions[0] == StudyDirection.MAXIMIZE else 1.0
         done.sort(key=lambda t: (sign * float(t.value), t.number))
         for t in done[:ws.top]:
-            picks.append(Pick(name, t.number, {**fixed, **_knob_params(t)}))
+            picks.append(Pick(name, t.number, {**fixed, **_knob_params(t)}, ws.labels[-1]))
     return picks
 
 
@@ -185,18 +213,53 @@ def map_config(values: dict[str, Any], space: SearchSpace) -> Mapped:
 
 def template(mapped: Mapped, pick: Pick) -> FrozenTrial:
     """The WAITING trial to queue: the mapped params, the source as user attrs, a `tuner_queued`
-    token (as keys.fresh_template)."""
+    token (as keys.fresh_template) and which pick it is (PICK)."""
     return create_trial(state=TrialState.WAITING, params=dict(mapped.params),
                         distributions=dict(mapped.distributions),
                         user_attrs={keys.WARM_START_STUDY: pick.study, keys.WARM_START_TRIAL: pick.number},
-                        system_attrs={keys.QUEUED: uuid.uuid4().hex})
+                        system_attrs={keys.QUEUED: uuid.uuid4().hex, PICK: list(pick.key)})
 
 
 def enqueue(storage: Any, study_id: int, picks: list[Pick], space: SearchSpace, budget: int | None,
             sources: list[str], say: Callable[[str], None] | None = None) -> int:
     """Queue the mapped picks as the study's first trials (at most `budget`, duplicates once) and
-    record the warm start in the study. Returns how many were queued."""
+    record the warm start in the study. Returns how many were queued now.
+
+    A study already warm-started, or with trials none of which a warm start queued, is left as it
+    is (one `warm start skipped: ...` line). A warm start that was interrupted while queuing is
+    completed: the picks it queued already are not queued again."""
     say = say or (lambda _line: None)
+    name = storage.get_study_name_from_id(study_id)
+    if keys.WARM_STARTED in storage.get_study_user_attrs(study_id):
+        say(f"warm start skipped: study {name!r} was warm-started already (a study is warm-started once)")
+        return 0
+    existing = storage.get_all_trials(study_id, deepcopy=False)
+    keyed, legacy = queued_picks(existing)
+    if existing and not keyed and not legacy:
+        say(f"warm start skipped: study {name!r} already has trials (a study is warm-started once, "
+            "before its first trial)")
+        return 0
+    chosen = choose(picks, space, budget, say)
+    todo = [(i, pick, mapped) for i, (pick, mapped) in enumerate(chosen, 1)
+            if pick.key not in keyed and (pick.study, pick.number) not in legacy]
+    if existing:
+        say(f"warm start: completing the interrupted warm start of study {name!r}: "
+            f"{len(chosen) - len(todo)} of {len(chosen)} configs were queued before")
+    for i, pick, mapped in todo:
+        storage.create_new_trial(study_id, template(mapped, pick))
+        say(f"warm start {i}/{len(chosen)} from {pick.study} trial {pick.number}: "
+            + (", ".join(mapped.notes) or "nothing to map"))
+    storage.set_study_user_attr(study_id, keys.WARM_STARTED, {
+        "sources": list(sources), "queued": [[p.study, p.number] for p, _ in chosen]})
+    if not picks:
+        say("warm start: the source studies have no COMPLETE trial; nothing queued")
+    return len(todo)
+
+
+def choose(picks: list[Pick], space: SearchSpace, budget: int | None,
+           say: Callable[[str], None]) -> list[tuple[Pick, Mapped]]:
+    """The picks to queue, mapped into `space`, in order: a config equal to an earlier one once,
+    at most `budget` of them."""
     chosen: list[tuple[Pick, Mapped]] = []
     seen: dict[str, int] = {}
     for pick in picks:
@@ -210,12 +273,18 @@ def enqueue(storage: Any, study_id: int, picks: list[Pick], space: SearchSpace, 
             continue
         chosen.append((pick, mapped))
         seen[key] = len(chosen)
-    for i, (pick, mapped) in enumerate(chosen, 1):
-        storage.create_new_trial(study_id, template(mapped, pick))
-        say(f"warm start {i}/{len(chosen)} from {pick.study} trial {pick.number}: "
-            + (", ".join(mapped.notes) or "nothing to map"))
-    storage.set_study_user_attr(study_id, keys.WARM_STARTED, {
-        "sources": list(sources), "queued": [[p.study, p.number] for p, _ in chosen]})
-    if not picks:
-        say("warm start: the source studies have no COMPLETE trial; nothing queued")
-    return len(chosen)
+    return chosen
+
+
+def queued_picks(trials: list[FrozenTrial]) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """Which picks the study's trials were queued from: (label, number) from PICK; and, for trials
+    queued before PICK was written, (study, number) from their user attrs."""
+    keyed: set[tuple[str, int]] = set()
+    legacy: set[tuple[str, int]] = set()
+    for t in trials:
+        pick = t.system_attrs.get(PICK)
+        if isinstance(pick, list) and len(pick) == 2:
+            keyed.add((str(pick[0]), int(pick[1])))
+        elif keys.WARM_START_STUDY in t.user_attrs and keys.WARM_START_TRIAL in t.user_attrs:
+            legacy.add((str(t.user_attrs[keys.WARM_START_STUDY]), int(t.user_attrs[keys.WARM_START_TRIAL])))
+    return keyed, legacy

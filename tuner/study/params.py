@@ -25,7 +25,7 @@ import yaml
 
 from tuner.errors import ConfigError
 from tuner.study.schema import CLIP_MODES, OPTIMIZERS, PARAMS_FILE, PRECISIONS, SCHEDULES, allowed
-from tuner.study.validate import Checker, as_float, read_yaml
+from tuner.study.validate import Checker, as_float, as_int, read_yaml
 
 DEFAULT_MODEL = "fastcnn"
 
@@ -305,14 +305,14 @@ PACK_AUTO = "auto"
 
 def parse_pack(value: Any) -> int | str:
     """A `pack` setting (trials trained at once per worker, pack.py): a whole number >= 1 or "auto".
-    Raises ValueError with the reason."""
+    A whole number is read the way other integer keys are (`4`, `4.0`, `"4"`). Raises ValueError
+    with the reason."""
     if isinstance(value, str) and value.strip().lower() == PACK_AUTO:
         return PACK_AUTO
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = as_int(value.strip() if isinstance(value, str) else value)
+    if number is None or number < 1:
         raise ValueError(f"must be a whole number >= 1 or auto, got {value!r}")
-    return value
+    return number
 
 
 def check_override(name: str, value: Any, *, ge: int = 1) -> None:
