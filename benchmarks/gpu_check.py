@@ -15,7 +15,7 @@ time is recorded and the next one runs):
                  and how many a second trial adds (should be 0)
   syncs_kernels  host syncs per epoch (torch.cuda.set_sync_debug_mode("warn")) and, from
                  torch.profiler, CUDA kernels (and aten ops) per training step; eager and compiled
-  pack           trial packing (tuner/packing/pack.py): 4 mixed trials packed against each alone (bf16, 2 epochs,
+  pack           trial packing (tuner/packing/): 4 mixed trials packed against each alone (bf16, 2 epochs,
                  epoch-1 losses and final val accuracy within a stated tolerance), then images/s,
                  trials-per-hour ratio, TFLOP/s, MFU and peak memory of a packed step for K = 1, 4, 16, 64
   throughput     steady-state images/s, TFLOP/s, MFU and peak memory of train() epochs
@@ -482,7 +482,7 @@ def _rel(a: float, b: float) -> float:
 
 def _pack_exactness(trials: list[Any], data: Any, precision: str) -> dict[str, Any]:
     """The K trials packed (Pack's default: exact on the CPU, not on CUDA) against each alone."""
-    from tuner.packing.pack import Pack
+    from tuner.packing.runtime import Pack
     from tuner.training.train import train
 
     pack = Pack(data, len(trials), trials[0].training)
@@ -519,7 +519,7 @@ def _pack_k_row(k: int, data: Any, cuda: bool, *, model: str, bs: int, precision
     """Seconds per packed step of K trials (after `warmup` steps), and the peak memory."""
     import torch
 
-    from tuner.packing.pack import Pack
+    from tuner.packing.runtime import Pack
 
     if cuda:
         torch.cuda.synchronize()
@@ -551,12 +551,12 @@ def _pack_k_row(k: int, data: Any, cuda: bool, *, model: str, bs: int, precision
 
 
 def part_pack(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[str, Any]:
-    """Trial packing (tuner/packing/pack.py) on this device: K mixed trials packed against each alone, then
+    """Trial packing (tuner/packing/) on this device: K mixed trials packed against each alone, then
     step throughput, FLOP/s and memory for K = 1, 4, 16, 64."""
     import torch
 
     from benchmarks.gpu import count_flops_per_image, peak_tflops
-    from tuner.packing.pack import _is_oom
+    from tuner.packing.sizing import is_oom
     from tuner.training.data import load_dataset
 
     device = _device(args)
@@ -607,7 +607,7 @@ def part_pack(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict[st
             row = _pack_k_row(k, data, cuda, model=model, bs=bs, precision=precision, dataset=table_spec,
                               warmup=warmup, steps=steps)
         except Exception as exc:  # noqa: BLE001 - out of memory ends the table; anything else is recorded too
-            oom = _is_oom(exc) or "out of memory" in str(exc).lower()
+            oom = is_oom(exc) or "out of memory" in str(exc).lower()
             rows.append({"k": k, "oom" if oom else "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             if cuda:
                 torch.cuda.empty_cache()

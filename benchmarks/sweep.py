@@ -231,7 +231,7 @@ def replay_pruning(trials: list[optuna.trial.FrozenTrial], epochs: int, aware: b
     """Replay unpruned trials, in order, through the study default pruner (Optuna's MedianPruner as
     tuner builds it) in an in-memory study: each trial reports its recorded epochs until the pruner
     stops it; with `aware`, the pruner is not asked before the trial's first epoch past its lr warm-up
-    (objective.py's rule, `optim.first_judged_epoch`). Returns the epochs saved against the unpruned
+    (the trial runner's rule, `optim.first_judged_epoch`). Returns the epochs saved against the unpruned
     run, and the points of best accuracy lost."""
     import warnings
 

@@ -329,7 +329,7 @@ def test_the_optimizer_state_takes_the_flags_of_the_device_that_loads_it():
     optimizer.step()
     saved = optimizer.state_dict()
     saved["param_groups"][0].update(fused=True, foreach=None)
-    fixed = engine._optimizer_state_for(optimizer, saved)
+    fixed = engine.optimizer_state_for(optimizer, saved)
     assert fixed["param_groups"][0]["fused"] in (None, False) and fixed["param_groups"][0]["foreach"] is True
     assert saved["param_groups"][0]["fused"] is True  # the checkpoint's own dict is not changed
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)

@@ -418,25 +418,25 @@ def test_database_down_past_the_retry_bound_exits_1_then_the_study_recovers(tmp_
 # ---------------------------------------------------------------------------------------------
 
 class opened_worker:
-    """A real `tuner.engine.worker.Worker` on the study, opened (data loaded), with its heartbeat thread."""
+    """A real lease manager (tuner.engine.lease) on the study, as a worker opens it, with its heartbeat thread."""
 
     def __init__(self, url: str, name: str, **opts) -> None:
+        import torch
+
         from tuner.engine.faults import StopController
-        from tuner.engine.worker import Heartbeat, Worker, WorkerOptions
+        from tuner.engine.lease import open_lease_manager
+        from tuner.engine.worker import WorkerOptions, environment
         from tuner.storage.database import StorageURL
 
-        self.worker = Worker(StorageURL.parse(url), name, WorkerOptions(device="cpu", worker_index=0, **opts),
-                             StopController())
-        self.worker.open()
-        self.beat = Heartbeat(self.worker.storage, self.worker.interval)
+        self.manager = open_lease_manager(StorageURL.parse(url), name,
+                                          WorkerOptions(device="cpu", worker_index=0, **opts), StopController(),
+                                          environment(torch.device("cpu")))
 
     def __enter__(self):
-        self.worker.heartbeat = self.beat.__enter__()
-        return self.worker
+        return self.manager.__enter__()
 
     def __exit__(self, *exc) -> None:
-        self.beat.__exit__(*exc)
-        self.worker.close()
+        self.manager.__exit__(*exc)
 
 
 def _age(url: str, trial_id: int, seconds: float) -> None:

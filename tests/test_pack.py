@@ -1,4 +1,4 @@
-"""Trial packing (tuner/packing/pack.py): K trials trained as one grouped model must each match the same
+"""Trial packing (tuner/packing/): K trials trained as one grouped model must each match the same
 trial trained alone by train.train (CPU, fp32), through refills, divergence and checkpoints."""
 
 from __future__ import annotations
@@ -10,17 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from tuner.packing.pack import (
-    AdamState,
-    Pack,
-    PackError,
-    adam_tables,
-    packable,
-    packed_adam_step,
-    packed_clip,
-    packed_model,
-    train_packed,
-)
+from tuner.packing.adam import AdamState, adam_tables, packed_adam_step, packed_clip
+from tuner.packing.modules import packable, packed_model
+from tuner.packing.runtime import Pack, PackError
 from tuner.study.params import ClippingParams, TrainingParams, TrialParams, parse_params
 from tuner.training.data import DeviceData, load_dataset
 from tuner.training.optim import clip_gradients
@@ -29,6 +21,26 @@ from tuner.training.train import load_checkpoint, train
 SPEC = "synthetic:600"  # 540 train / 60 val images; batch 32: 17 steps per epoch with the tiny net
 LOSS_RTOL = 1e-4  # the issue's bound for epoch-1 losses; on the CI CPU the runs are bitwise equal
 ACC_ATOL = 0.005  # val accuracy after 2 epochs within 0.5 points
+
+
+def train_packed(trials: list[TrialParams], data: DeviceData, *, capacity: int | None = None) -> list[Any]:
+    """Train `trials` (one study: the same model and batch size) in packs of `capacity` (default: all
+    at once), refilling freed slots; each result as `train.train` would return it. (A test helper: workers drive packs through
+    the trial runner, tuner/engine/.)"""
+    if not trials:
+        return []
+    pack = Pack(data, capacity or len(trials), trials[0].training)
+    results: dict[int, Any] = {}
+    queue = list(enumerate(trials))
+    while queue or len(pack):
+        while queue and pack.free > 0:
+            index, params = queue.pop(0)
+            pack.add(index, params)
+        for key, out in pack.run_epoch().items():
+            if out.finished:
+                results[int(key)] = pack.result(key)  # type: ignore[call-overload]
+                pack.remove(key)
+    return [results[i] for i in range(len(trials))]
 
 
 def make(seed: int = 0, epochs: int = 2, opt: dict[str, Any] | None = None, sched: dict[str, Any] | None = None,
@@ -99,7 +111,7 @@ def test_packable_models() -> None:
 def test_packed_forward_is_each_models_forward(name: str) -> None:
     """Every registry model packs: the grouped model's output for slot k is model k's output on slot
     k's images (train and eval mode), and batch-norm statistics update per slot."""
-    from tuner.packing.pack import _packed_shape
+    from tuner.packing.modules import packed_shape
     from tuner.training.models import build_model
 
     torch.manual_seed(0)
@@ -112,7 +124,7 @@ def test_packed_forward_is_each_models_forward(name: str) -> None:
         mods = dict(skeleton.named_modules())
         for n, t in stacked.items():
             owner, _, attr = n.rpartition(".")
-            setattr(mods[owner], attr, t.reshape(_packed_shape(t)) if t.dim() > 2 else t.reshape(-1))
+            setattr(mods[owner], attr, t.reshape(packed_shape(t)) if t.dim() > 2 else t.reshape(-1))
         getattr(skeleton, mode)()
         xp = x.permute(1, 0, 2, 3, 4).reshape(4, 6, 32, 32).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -366,7 +378,7 @@ def test_train_packed_in_packs_of_two(data: DeviceData, alone: list[Any]) -> Non
 # ---------------------------------------------------------------------------------------------
 
 def test_pack_size_on_the_cpu(data: DeviceData) -> None:
-    from tuner.packing.pack import pack_size
+    from tuner.packing.sizing import pack_size
 
     tiny = MIXED[0].training
     k, why = pack_size("auto", tiny, data)
@@ -378,7 +390,7 @@ def test_pack_size_on_the_cpu(data: DeviceData) -> None:
 
 
 def test_auto_size_doubles_while_it_pays_and_stops_at_memory() -> None:
-    from tuner.packing.pack import auto_size
+    from tuner.packing.sizing import auto_size
 
     def measure(speedups: dict[int, float]) -> Any:
         return lambda k: k / speedups[k]  # seconds per step of K slots, for K / s trial-steps per second

@@ -1,4 +1,4 @@
-"""Packed workers (tuner/engine/packed.py): `--pack K` sweeps on SQLite and PostgreSQL end with exactly
+"""Packed workers (a Pack driven by the worker loop, tuner/engine/worker.py): `--pack K` sweeps on SQLite and PostgreSQL end with exactly
 n_trials, with pruning and refills; a kill -9 and a SIGINT leave trials that resume from their
 per-slot checkpoints, packed or alone. Real processes, real storages (see test_faults.py)."""
 

@@ -15,12 +15,12 @@ import yaml
 from optuna.trial import TrialState
 from sweeps import assert_clean_finish, states, study_file, trials
 
-from tuner.engine.objective import Objective
 from tuner.engine.sweep import WorkerOptions, prepare_study, run_sweep, run_worker
 from tuner.storage.database import DEFAULT_STORAGE, StorageURL
 from tuner.storage.keys import CONFIG as ATTR_CONFIG
 from tuner.study.config import load_study_file
 from tuner.study.settings import storage_url
+from tuner.training.train import SingleEngine
 
 
 def sqlite(tmp_path: Path) -> str:
@@ -104,17 +104,17 @@ def test_exception_in_a_trial_fails_it_and_the_sweep_goes_on(tmp_path):
     config = load_study_file(study_file(tmp_path, n_trials=3))
     prepare_study(config, url, None)
 
-    class Flaky(Objective):
-        def run(self, trial, resume=None, retried=False):
-            if trial.number == 1:
+    class Flaky(SingleEngine):
+        def add(self, key, params, resume_from=None):
+            if key == 1:
                 self.data, real = None, self.data  # training on no data raises inside the engine
                 try:
-                    return super().run(trial, resume, retried)
+                    return super().add(key, params, resume_from)
                 finally:
                     self.data = real
-            return super().run(trial, resume, retried)
+            return super().add(key, params, resume_from)
 
-    ran = run_worker(url, "small", WorkerOptions(worker_index=0), objective_class=Flaky)
+    ran = run_worker(url, "small", WorkerOptions(worker_index=0), make_engine=lambda data, m, opts: Flaky(data))
     assert ran == 3
     ts = trials(url, "small")
     assert [t.state for t in ts].count(TrialState.FAIL) == 1

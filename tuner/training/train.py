@@ -19,15 +19,15 @@ import pickle
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from tuner.errors import CheckpointError
+from tuner.errors import CheckpointError, ConfigError, TunerError
 from tuner.study.params import TrialParams
 from tuner.training.data import DeviceData, eval_batches, train_batches
 from tuner.training.models import build_model
@@ -79,8 +79,6 @@ class TrainResult:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when it is there; `cuda:N` pins a GPU (N counts the visible ones)."""
-    from tuner.errors import ConfigError, TunerError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -242,7 +240,7 @@ def evaluate(fn: Callable, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     model.eval()
     total_loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    with torch.inference_mode(), _autocast(x.device, settings):
+    with torch.inference_mode(), autocast(x.device, settings):
         for xb, yb in eval_batches(x, y, data, EVAL_BATCH, pad=settings.static_shapes):
             out = fn(xb)[:len(yb)].float()
             total_loss += F.cross_entropy(out, yb, reduction="sum")
@@ -252,78 +250,202 @@ def evaluate(fn: Callable, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return total_loss.item() / n, correct.item() / n
 
 
-def _autocast(device: torch.device, settings: DeviceSettings) -> Any:
+def autocast(device: torch.device, settings: DeviceSettings) -> Any:
     return torch.autocast(device.type, dtype=settings.autocast_dtype or torch.float32,
                           enabled=settings.autocast_dtype is not None)
 
 
-def train(params: TrialParams, data: DeviceData, *,
-          on_epoch: Callable[[EpochRecord], bool | None] | None = None,
-          checkpoint_path: str | Path | None = None,
-          resume_from: str | Path | None = None,
-          checkpoint_when: Callable[[EpochRecord], bool] | None = None,
-          evaluate_test: bool = False,
-          on_step: Callable[[int, int], None] | None = None,
-          settings: DeviceSettings | None = None) -> TrainResult:
-    """Train one trial on `data` (already on its device). See the module docstring.
+@dataclass
+class SlotEpoch:
+    """What one epoch of an engine did for one trial: its record (None when it diverged in this
+    epoch), whether it has now trained all its epochs, and whether it diverged."""
 
-    `on_epoch(record) -> stop?` runs after each epoch (and after its checkpoint is saved).
-    With `checkpoint_path`, the checkpoint is written after every epoch, or only after those for
-    which `checkpoint_when(record)` is true.
-    `on_step(step_in_epoch, steps_per_epoch)` is for progress bars. `settings` overrides
-    `device_settings(device, precision, compile)` (tests and benchmarks).
-    """
-    device = data.device
-    t = params.training
-    settings = settings or device_settings(device, t.precision, t.compile)
-    settings.apply(device)
-    if device.type != "cuda":
-        retain_cpu_memory()
-    torch.manual_seed(t.seed)
-    model, fn = _model_for(params, data, device, settings)
-    try:
-        return _train(params, data, model, fn, settings, on_epoch=on_epoch, checkpoint_path=checkpoint_path,
-                      resume_from=resume_from, checkpoint_when=checkpoint_when, evaluate_test=evaluate_test,
-                      on_step=on_step)
-    except Exception:
-        if settings.compile:  # a compile that failed (no C compiler, ...) must not stay cached
-            _COMPILED.pop(_compiled_key(t.model, data, device, t.model_options), None)
-        raise
+    record: EpochRecord | None
+    finished: bool
+    diverged: bool = False
 
 
-def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Callable, settings: DeviceSettings, *,
-           on_epoch: Callable[[EpochRecord], bool | None] | None, checkpoint_path: str | Path | None,
-           resume_from: str | Path | None, checkpoint_when: Callable[[EpochRecord], bool] | None,
-           evaluate_test: bool, on_step: Callable[[int, int], None] | None) -> TrainResult:
-    device = data.device
-    t = params.training
-    optimizer = build_optimizer(model.parameters(), params.optimizer, device, fused=settings.fused_adam)
-    param_list = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator(device=device).manual_seed(t.seed)
+@dataclass
+class TrialProgress:
+    """One trial's epoch accounting, the same in every engine: epochs and optimizer steps done, the
+    history of epoch records, where it resumed, whether it diverged, its training seconds."""
 
-    drop_last = settings.static_shapes
-    steps_per_epoch = epoch_steps(params, data, settings)
-    schedule = LRSchedule(params.schedule, t.epochs * steps_per_epoch, steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    start_epoch, step = 0, 0
+    params: TrialParams
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done
+    history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, params)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(_optimizer_state_for(optimizer, state["optimizer"]))
-        _restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        resumed_from = start_epoch
+    diverged_at: dict[str, Any] | None = None
+    seconds: float = 0.0
+    last_lr: float = 0.0
 
-    loss_limit = DIVERGENCE_FACTOR * math.log(data.num_classes)
-    started = time.perf_counter()
-    outcome = "completed"
-    diverged: dict[str, Any] | None = None
-    model.train()
-    for epoch in range(start_epoch + 1, t.epochs + 1):
+    @property
+    def live(self) -> bool:
+        return self.diverged_at is None and self.epoch < self.params.training.epochs
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint's counters and history."""
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.resumed_from = self.epoch
+        if self.history:
+            self.last_lr = float(self.history[-1]["lr"])
+
+    def diverge(self, at: dict[str, Any]) -> SlotEpoch:
+        self.diverged_at = at
+        self.step = int(at["step"])
+        return SlotEpoch(None, finished=True, diverged=True)
+
+    def advance(self, record: EpochRecord, steps: int) -> SlotEpoch:
+        self.epoch = record.epoch
+        self.step += steps
+        self.last_lr = record.lr
+        self.history.append(record.to_dict())
+        return SlotEpoch(record, finished=self.epoch >= self.params.training.epochs)
+
+    def result(self, device: torch.device, outcome: str | None = None) -> TrainResult:
+        """The trial's TrainResult: "diverged", "completed" (all epochs) or "stopped" (taken out
+        earlier, e.g. pruned); `outcome` overrides it (a caller that stopped after the last epoch)."""
+        if outcome is None:
+            outcome = ("diverged" if self.diverged_at is not None else
+                       "completed" if self.epoch >= self.params.training.epochs else "stopped")
+        result = TrainResult(outcome=outcome, history=list(self.history), epochs=len(self.history),
+                             seconds=self.seconds, device=str(device), resumed_from_epoch=self.resumed_from,
+                             diverged_at=self.diverged_at)
+        if self.history:
+            result.val_accuracy = self.history[-1]["val_accuracy"]
+            result.val_loss = self.history[-1]["val_loss"]
+        return result
+
+
+class EpochEngine(Protocol):
+    """What a loop drives: trials added by key, trained one epoch at a time. `SingleEngine` (one
+    trial) and `tuner.packing.runtime.Pack` (K trials as one model) implement it.
+
+        engine.add(key, params, resume_from=None)    # a fresh trial, or one resumed from a checkpoint
+        for key, out in engine.run_epoch().items():  # one epoch of every live trial
+            engine.save_checkpoint(key, path)        # train.save_checkpoint's format
+        engine.result(key)                           # a TrainResult
+        engine.remove(key)                           # frees the slot
+    """
+
+    @property
+    def free(self) -> int: ...
+
+    def add(self, key: Hashable, params: TrialParams, resume_from: str | Path | None = None) -> None: ...
+
+    def run_epoch(self) -> dict[Hashable, SlotEpoch]: ...
+
+    def epoch(self, key: Hashable) -> int: ...
+
+    def save_checkpoint(self, key: Hashable, path: str | Path) -> None: ...
+
+    def result(self, key: Hashable, *, outcome: str | None = None, evaluate_test: bool = False,
+               keep_model: bool = False) -> TrainResult: ...
+
+    def remove(self, key: Hashable) -> None: ...
+
+
+@dataclass
+class _Trial:
+    """The one trial a SingleEngine trains: its model, optimizer, data order and accounting."""
+
+    key: Hashable
+    progress: TrialProgress
+    model: torch.nn.Module
+    fn: Callable
+    optimizer: torch.optim.Optimizer
+    param_list: list[torch.nn.Parameter]
+    generator: torch.Generator
+    schedule: LRSchedule
+    steps_per_epoch: int
+
+
+class SingleEngine:
+    """The epoch engine for one trial at a time (capacity 1): the model as built, torch's Adam.
+
+    `settings` overrides `device_settings(device, precision, compile)` (tests and benchmarks);
+    `on_step(step_in_epoch, steps_per_epoch)` is for progress bars."""
+
+    capacity = 1
+
+    def __init__(self, data: DeviceData, *, settings: DeviceSettings | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
+        self.data = data
+        self.device = data.device
+        self.fixed_settings = settings
+        self.on_step = on_step
+        self.trial: _Trial | None = None
+        self.settings: DeviceSettings | None = None
+
+    @property
+    def free(self) -> int:
+        return 0 if self.trial is not None else 1
+
+    def _trial(self, key: Hashable) -> _Trial:
+        if self.trial is None or self.trial.key != key:
+            raise KeyError(key)
+        return self.trial
+
+    def epoch(self, key: Hashable) -> int:
+        return self._trial(key).progress.epoch
+
+    def add(self, key: Hashable, params: TrialParams, resume_from: str | Path | None = None) -> None:
+        if self.trial is not None:
+            raise ValueError(f"the engine trains one trial at a time (trial {self.trial.key!r} is in it)")
+        data, device, t = self.data, self.device, params.training
+        settings = self.fixed_settings or device_settings(device, t.precision, t.compile)
+        settings.apply(device)
+        if device.type != "cuda":
+            retain_cpu_memory()
+        torch.manual_seed(t.seed)
+        model, fn = _model_for(params, data, device, settings)
+        try:
+            optimizer = build_optimizer(model.parameters(), params.optimizer, device, fused=settings.fused_adam)
+            gen = torch.Generator(device=device).manual_seed(t.seed)
+            steps = epoch_steps(params, data, settings)
+            progress = TrialProgress(params)
+            if resume_from is not None:
+                state = load_checkpoint(resume_from, params)
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(optimizer_state_for(optimizer, state["optimizer"]))
+                restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
+                torch.set_rng_state(state["rng_cpu"])
+                if device.type == "cuda" and "rng_cuda" in state:
+                    torch.cuda.set_rng_state(state["rng_cuda"], device)
+                progress.resume(state)
+        except Exception:
+            self._evict(params, settings)
+            raise
+        self.settings = settings
+        self.trial = _Trial(key, progress, model, fn, optimizer, [p for p in model.parameters() if p.requires_grad],
+                            gen, LRSchedule(params.schedule, t.epochs * steps, steps), steps)
+        model.train()
+
+    def _evict(self, params: TrialParams, settings: DeviceSettings) -> None:
+        if settings.compile:  # a compile that failed (no C compiler, ...) must not stay cached
+            t = params.training
+            _COMPILED.pop(_compiled_key(t.model, self.data, self.device, t.model_options), None)
+
+    def run_epoch(self) -> dict[Hashable, SlotEpoch]:
+        """One epoch of the trial (nothing when it has no epoch left to train)."""
+        tr = self.trial
+        if tr is None or not tr.progress.live:
+            return {}
+        assert self.settings is not None
+        try:
+            return {tr.key: self._epoch(tr, self.settings)}
+        except Exception:
+            self._evict(tr.progress.params, self.settings)
+            raise
+
+    def _epoch(self, tr: _Trial, settings: DeviceSettings) -> SlotEpoch:
+        data, device, progress = self.data, self.device, tr.progress
+        params = progress.params
+        t = params.training
+        optimizer, fn = tr.optimizer, tr.fn
+        loss_limit = DIVERGENCE_FACTOR * math.log(data.num_classes)
+        epoch, step = progress.epoch + 1, progress.step
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         loss_max = torch.zeros((), device=device)  # NaN propagates through maximum
@@ -331,13 +453,15 @@ def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Ca
         clipped: list[torch.Tensor] = []
         lr = params.optimizer.lr
         n_steps = 0
-        for i, (xb, yb) in enumerate(train_batches(data, t.batch_size, gen, t.augment, drop_last=drop_last)):
-            lr = schedule.apply(optimizer, step, params.optimizer.lr)
-            with _autocast(device, settings):
+        diverged: dict[str, Any] | None = None
+        batches = train_batches(data, t.batch_size, tr.generator, t.augment, drop_last=settings.static_shapes)
+        for i, (xb, yb) in enumerate(batches):
+            lr = tr.schedule.apply(optimizer, step, params.optimizer.lr)
+            with autocast(device, settings):
                 loss = F.cross_entropy(fn(xb).float(), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm, was_clipped = clip_gradients(param_list, params.clipping)
+            norm, was_clipped = clip_gradients(tr.param_list, params.clipping)
             optimizer.step()
             step += 1
             n_steps += 1
@@ -348,44 +472,87 @@ def _train(params: TrialParams, data: DeviceData, model: torch.nn.Module, fn: Ca
             if step % settings.divergence_check_every == 0 and not loss_max.item() < loss_limit:
                 diverged = {"epoch": epoch, "step": step, "loss": float(loss_max.item())}
                 break
-            if on_step is not None:
-                on_step(i + 1, steps_per_epoch)
+            if self.on_step is not None:
+                self.on_step(i + 1, tr.steps_per_epoch)
         if diverged is None and not loss_max.item() < loss_limit:
             diverged = {"epoch": epoch, "step": step, "loss": float(loss_max.item())}
         if diverged is not None:
-            outcome = "diverged"
-            break
-        val_loss, val_acc = evaluate(fn, model, data.x_val, data.y_val, data, settings)
+            progress.seconds += time.perf_counter() - t0
+            return progress.diverge(diverged)
+        val_loss, val_acc = evaluate(fn, tr.model, data.x_val, data.y_val, data, settings)
+        seconds = time.perf_counter() - t0
+        progress.seconds += seconds
         if not math.isfinite(val_loss):
-            diverged, outcome = {"epoch": epoch, "step": step, "loss": val_loss}, "diverged"
-            break
-        record = epoch_record(epoch, loss_sum.item(), n_steps, val_loss, val_acc, lr, time.perf_counter() - t0,
+            return progress.diverge({"epoch": epoch, "step": step, "loss": val_loss})
+        record = epoch_record(epoch, loss_sum.item(), n_steps, val_loss, val_acc, lr, seconds,
                               torch.stack(norms).float().cpu(), torch.stack(clipped).float().cpu())
-        history.append(record.to_dict())
-        if checkpoint_path is not None and (checkpoint_when is None or checkpoint_when(record)):
-            save_checkpoint(checkpoint_path, params=params, model=model, optimizer=optimizer, generator=gen,
-                            epoch=epoch, step=step, history=history)
-        if on_epoch is not None and on_epoch(record):
+        return progress.advance(record, n_steps)
+
+    def save_checkpoint(self, key: Hashable, path: str | Path) -> None:
+        tr = self._trial(key)
+        p = tr.progress
+        save_checkpoint(path, params=p.params, model=tr.model, optimizer=tr.optimizer, generator=tr.generator,
+                        epoch=p.epoch, step=p.step, history=p.history)
+
+    def result(self, key: Hashable, *, outcome: str | None = None, evaluate_test: bool = False,
+               keep_model: bool = False) -> TrainResult:
+        tr = self._trial(key)
+        result = tr.progress.result(self.device, outcome)
+        if evaluate_test and result.outcome != "diverged":
+            assert self.settings is not None
+            result.test_loss, result.test_accuracy = evaluate(tr.fn, tr.model, self.data.x_test, self.data.y_test,
+                                                              self.data, self.settings)
+        if keep_model:
+            # the caller's own copy: a compiled module is shared with the worker's next trial
+            result.model = copy.deepcopy(tr.model) if self.settings and self.settings.compile else tr.model
+        return result
+
+    def remove(self, key: Hashable) -> None:
+        self._trial(key)
+        self.trial = None
+
+
+def train(params: TrialParams, data: DeviceData, *,
+          on_epoch: Callable[[EpochRecord], bool | None] | None = None,
+          checkpoint_path: str | Path | None = None,
+          resume_from: str | Path | None = None,
+          checkpoint_when: Callable[[EpochRecord], bool] | None = None,
+          evaluate_test: bool = False,
+          on_step: Callable[[int, int], None] | None = None,
+          settings: DeviceSettings | None = None) -> TrainResult:
+    """Train one trial on `data` (already on its device): a SingleEngine driven to the end. See the
+    module docstring.
+
+    `on_epoch(record) -> stop?` runs after each epoch (and after its checkpoint is saved).
+    With `checkpoint_path`, the checkpoint is written after every epoch, or only after those for
+    which `checkpoint_when(record)` is true.
+    `on_step(step_in_epoch, steps_per_epoch)` is for progress bars. `settings` overrides
+    `device_settings(device, precision, compile)` (tests and benchmarks).
+    """
+    engine = SingleEngine(data, settings=settings, on_step=on_step)
+    engine.add(0, params, resume_from=resume_from)
+    started = time.perf_counter()
+    outcome = None
+    while True:
+        out = engine.run_epoch().get(0)
+        if out is None or out.record is None:  # nothing left to train, or diverged
+            break
+        if checkpoint_path is not None and (checkpoint_when is None or checkpoint_when(out.record)):
+            engine.save_checkpoint(0, checkpoint_path)
+        if on_epoch is not None and on_epoch(out.record):
             outcome = "stopped"
             break
-
-    result = TrainResult(outcome=outcome, history=history, epochs=len(history),
-                         seconds=time.perf_counter() - started, device=str(device),
-                         resumed_from_epoch=resumed_from, diverged_at=diverged)
-    if history:
-        result.val_accuracy = history[-1]["val_accuracy"]
-        result.val_loss = history[-1]["val_loss"]
-    if evaluate_test and outcome != "diverged":
-        result.test_loss, result.test_accuracy = evaluate(fn, model, data.x_test, data.y_test, data, settings)
-    # the caller's own copy: a compiled module is shared with the worker's next trial
-    result.model = copy.deepcopy(model) if settings.compile else model
+        if out.finished:
+            break
+    result = engine.result(0, outcome=outcome, evaluate_test=evaluate_test, keep_model=True)
+    result.seconds = time.perf_counter() - started
     return result
 
 
 def epoch_record(epoch: int, loss_sum: float, n_steps: int, val_loss: float, val_acc: float, lr: float,
                  seconds: float, norms: torch.Tensor, clipped: torch.Tensor) -> EpochRecord:
     """An epoch's record from its summed step losses and its steps' gradient norms (before clipping)
-    and clip flags (1-D CPU float tensors, one entry per step). Packed trials (pack.py) use it too."""
+    and clip flags (1-D CPU float tensors, one entry per step). Packed trials (tuner.packing.runtime) use it too."""
     return EpochRecord(
         epoch=epoch, train_loss=loss_sum / max(1, n_steps), val_loss=val_loss, val_accuracy=val_acc,
         lr=lr, seconds=seconds,
@@ -407,7 +574,7 @@ def _steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
     return max(1, full) if drop_last else full + (1 if rest >= 2 else 0)
 
 
-def _optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+def optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
     """A saved optimizer state, with the implementation flags of `optimizer` (fused on CUDA,
     foreach on the CPU) instead of those of the device that saved it, so a checkpoint resumes on
     another device type. (Optimizer.load_state_dict would keep the saved flags, and fused CUDA
@@ -422,7 +589,7 @@ def _optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     return {**saved, "param_groups": groups}
 
 
-def _restore_generator(gen: torch.Generator, saved: torch.Tensor, seed: int, epoch: int) -> bool:
+def restore_generator(gen: torch.Generator, saved: torch.Tensor, seed: int, epoch: int) -> bool:
     """Restore the data generator (shuffles, crops, flips). A state saved by a generator of another
     device type (a CUDA generator's state is 16 bytes, a CPU one's 5,056) cannot load: the resumed
     trial then draws its data order from a generator seeded by (seed, epoch), so the resume still

@@ -1,48 +1,13 @@
-"""Trial packing: K trials of one study trained at once, as one fused model on one device.
-
-Every trial of a sweep has the same architecture and batch size; only the optimizer's knobs, the
-schedule, the clipping and the seed differ. A pack of K trials stacks each slot's weights along a
-new leading dimension ([K, ...]) and runs them as one model whose convolutions are grouped
-convolutions (`groups = K × groups`), whose batch norms normalise K × C channels and whose linear
-layers are batched matmuls (HFTA-style). The input of a step is [B, K × C, H, W]: each slot's
-own batch of its own epoch, drawn with its own data-order generator and augmentation, exactly as
-`train.train` draws it for that trial alone. Channels never mix between slots, so slot k's
-forward is the single model's forward on slot k's batch.
-
-Why grouped convolutions and not `torch.func.vmap` over `functional_call`: on the CPU a grouped
-convolution in channels_last gives bitwise the same outputs as K separate convolutions, while
-vmap's batching rule (which also folds the model dimension into conv groups) does not, and in a
-measurement on 2 CPU cores a vmapped step was slower than both K separate steps and the grouped
-model (see the README section "Trial packing").
-
-The optimizer is a vectorized Adam/AdamW (`PackedAdam`): one set of `torch._foreach_*` ops over
-the stacked [K, ...] tensors per step, with each slot's hyperparameters as [K, 1, ...] tensors
-(lr after its own schedule and warm-up, betas, eps, weight decay coupled or decoupled, amsgrad).
-It performs, per slot, the same float32 operations as `torch.optim.Adam(foreach=True)`, with the
-scalars that Adam derives in Python double precision (bias corrections, step size, decoupled decay
-factor) precomputed per slot and per step the same way, so on the CPU a step is bitwise the one
-torch's Adam takes. Clipping (by norm or by value) is per slot with its own threshold.
-
-Each slot keeps its own step counter, epoch and history: a slot that finished, was pruned or
-diverged is removed at an epoch boundary and a new trial takes its place at epoch 0 while the
-others go on. A slot that diverges in the middle of an epoch stops updating at once (its weights
-and optimizer state are zeroed and its step size is 0, so nothing non-finite spreads) and is
-reported as diverged; the others carry on. Checkpoints are per slot, in `train.save_checkpoint`'s
-format, so a packed trial resumes packed or alone.
-
-Exactness (CPU, fp32): forward outputs, batch-norm statistics and the optimizer step are bitwise
-those of the trial alone; the grouped convolutions' weight gradients and the batched linear
-layer's weight gradient are summed in another order by their kernels (differences of ~1e-7
-relative per step), which training then amplifies slowly. See tests/test_pack.py for the
-tolerances reached.
-"""
+"""The pack at run time: K trials' stacked weights, Adam state and data order, trained one epoch
+at a time (the epoch-engine interface of tuner.training.train), with per-slot records, divergence,
+checkpoints and results."""
 
 from __future__ import annotations
 
 import copy
 import math
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,321 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuner.packing.adam import AdamState, adam_tables, packed_adam_step, packed_clip
+from tuner.packing.modules import check_structure, packable, packed_model, packed_shape
 from tuner.study.params import TrainingParams, TrialParams
 from tuner.training.data import DeviceData, batch_spans, epoch_images, eval_batches, normalize
-from tuner.training.optim import LRSchedule, build_optimizer
+from tuner.training.optim import build_optimizer
 from tuner.training.train import (
     DIVERGENCE_FACTOR,
     EVAL_BATCH,
     DeviceSettings,
-    EpochRecord,
+    SlotEpoch,
     TrainResult,
-    _autocast,
-    _restore_generator,
+    TrialProgress,
+    autocast,
     device_settings,
     epoch_record,
     epoch_steps,
     initial_model,
     load_checkpoint,
+    restore_generator,
     retain_cpu_memory,
     save_checkpoint,
 )
-
-PACKABLE_MODELS = ("fastcnn", "fastcnn-wide", "resnet18", "tiny")
-
-# Leaf modules that act on each channel (or each sample) on its own: the same module serves K slots
-# whose channels sit side by side.
-_CHANNELWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout)
-
-
-def packable(model_name: str) -> tuple[bool, str]:
-    """Whether trials of `model_name` can be packed, and why (or why not)."""
-    from tuner.training.models import MODELS, is_reference
-
-    if is_reference(model_name):
-        return False, (f"model {model_name!r} is a model by reference: tuner cannot tell whether its forward "
-                       "mixes channels, so its trials run one at a time")
-    if model_name not in MODELS:
-        return False, f"unknown model {model_name!r}"
-    if model_name not in PACKABLE_MODELS:
-        return False, f"model {model_name!r} has no packed form"
-    return True, f"model {model_name!r} packs as grouped convolutions"
-
-
-def _check_structure(model: nn.Module) -> None:
-    """Raise ValueError naming the first module that the grouped transform cannot pack."""
-    for name, mod in model.named_modules():
-        if list(mod.children()):
-            continue  # containers: their leaves are checked
-        if isinstance(mod, nn.Conv2d):
-            if mod.padding_mode != "zeros":
-                raise ValueError(f"{name}: padding_mode {mod.padding_mode!r}")
-        elif isinstance(mod, nn.BatchNorm2d):
-            if not (mod.affine and mod.track_running_stats) or mod.momentum is None:
-                raise ValueError(f"{name}: batch norm without affine parameters, running statistics or momentum")
-        elif isinstance(mod, nn.Flatten):
-            if mod.start_dim != 1 or mod.end_dim != -1:
-                raise ValueError(f"{name}: Flatten({mod.start_dim}, {mod.end_dim})")
-        elif not isinstance(mod, (nn.Linear, *_CHANNELWISE)):
-            raise ValueError(f"{name}: {type(mod).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The packed model: grouped convolutions, K × C batch norm, batched linear layers
-# ---------------------------------------------------------------------------------------------
-
-class _SlotwiseWeightGradConv(torch.autograd.Function):
-    """A grouped convolution whose weight gradient is computed slot by slot.
-
-    On the CPU the grouped kernels give bitwise the outputs and input gradients of K separate
-    convolutions, but not always their weight gradients (oneDNN picks another algorithm for a
-    grouped first layer with 3 input channels, or a 1×1 stride-2 convolution, which sums in another
-    order). `exact` packs compute those per slot with the very call autograd makes for one model."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
-                padding: Any, dilation: Any, groups: int, k: int) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding, dilation, groups, k, bias is not None)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, k, has_bias = ctx.conf
-        conv_backward = torch.ops.aten.convolution_backward
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = conv_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                                   [True, False, False])[0]
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            parts = [conv_backward(g.contiguous(memory_format=fmt), xs.contiguous(memory_format=fmt), w, None,
-                                   stride, padding, dilation, False, [0, 0], groups // k, [False, True, has_bias])
-                     for g, xs, w in zip(grad.chunk(k, 1), x.chunk(k, 1), weight.chunk(k, 0))]
-            grad_w = torch.cat([part[1] for part in parts])
-            grad_b = torch.cat([part[2] for part in parts]) if has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
-
-
-class PackedConv2d(nn.Module):
-    """K convolutions as one grouped convolution. Its tensors are bound per step (`bind`)."""
-
-    def __init__(self, conv: nn.Conv2d, k: int, exact: bool = False) -> None:
-        super().__init__()
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups = conv.groups * k
-        self.k, self.exact = k, exact
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.weight is not None
-        if self.exact and torch.is_grad_enabled() and self.weight.requires_grad:
-            out = _SlotwiseWeightGradConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                                self.groups, self.k)
-            return out
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class PackedBatchNorm2d(nn.Module):
-    """K batch norms as one over K × C channels (statistics are per channel, so per slot)."""
-
-    def __init__(self, bn: nn.BatchNorm2d, k: int, exact: bool = False) -> None:
-        super().__init__()
-        self.eps, self.momentum = bn.eps, bn.momentum
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-        self.running_mean: torch.Tensor | None = None
-        self.running_var: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                            self.momentum if self.momentum is not None else 0.0, self.eps)
-
-
-class _SlotwiseWeightGradLinear(torch.autograd.Function):
-    """K linear layers as one batched matmul, with each slot's weight gradient computed as
-    autograd computes it for one `F.linear` (grad_outputᵀ @ input): a batched matmul sums it in
-    another order when it uses more than one thread."""
-
-    @staticmethod
-    def forward(ctx: Any, xk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(xk, weight)
-        ctx.has_bias = bias is not None
-        wt = weight.transpose(1, 2)
-        return torch.baddbmm(bias.unsqueeze(1), xk, wt) if bias is not None else torch.bmm(xk, wt)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        xk, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # K × B × out, each slot's rows as one model's grad_output
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_w = torch.stack([g.t().mm(x) for g, x in zip(grad, xk)]) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-class PackedLinear(nn.Module):
-    """K linear layers as one batched matmul: [B, K × in] -> [B, K × out]."""
-
-    def __init__(self, linear: nn.Linear, k: int, exact: bool = False) -> None:
-        super().__init__()
-        self.k, self.in_features, self.out_features = k, linear.in_features, linear.out_features
-        self.exact = exact
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.weight is not None
-        k, b = self.k, x.shape[0]
-        xk = x.reshape(b, k, self.in_features).transpose(0, 1)  # K × B × in
-        w = self.weight.view(k, self.out_features, self.in_features)
-        bias = self.bias.view(k, self.out_features) if self.bias is not None else None
-        if self.exact and torch.is_grad_enabled() and w.requires_grad:
-            out = _SlotwiseWeightGradLinear.apply(xk, w, bias)
-        elif bias is not None:
-            out = torch.baddbmm(bias.unsqueeze(1), xk, w.transpose(1, 2))
-        else:
-            out = torch.bmm(xk, w.transpose(1, 2))
-        return out.transpose(0, 1).reshape(b, k * self.out_features)
-
-
-_PACKED = {nn.Conv2d: PackedConv2d, nn.BatchNorm2d: PackedBatchNorm2d, nn.Linear: PackedLinear}
-
-
-def packed_model(template: nn.Module, k: int, exact: bool = False) -> nn.Module:
-    """The structure of `template` for K slots: every Conv2d, BatchNorm2d and Linear replaced by its
-    packed form (holding no tensors of its own: `bind` gives them views of the stacked state). With
-    `exact`, weight gradients of convolutions and linear layers are computed slot by slot (see
-    `_SlotwiseWeightGradConv`): bitwise a single model's on the CPU, at the cost of K kernels per
-    layer for that part of the backward pass."""
-    _check_structure(template)
-    skeleton = copy.deepcopy(template).to("meta")
-
-    def replace(mod: nn.Module) -> None:
-        for name, child in mod.named_children():
-            kind = next((cls for cls in _PACKED if type(child) is cls), None)
-            if kind is not None:
-                setattr(mod, name, _PACKED[kind](child, k, exact))
-            else:
-                replace(child)
-
-    replace(skeleton)
-    return skeleton
-
-
-def _packed_shape(t: torch.Tensor) -> tuple[int, ...]:
-    """A stacked [K, d0, d1, ...] tensor as the packed module sees it: [K × d0, d1, ...]."""
-    return (t.shape[0] * t.shape[1], *t.shape[2:])
-
-
-# ---------------------------------------------------------------------------------------------
-# Vectorized Adam/AdamW and per-slot clipping
-# ---------------------------------------------------------------------------------------------
-
-def _per_slot(values: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A [K] vector as one [K, 1, ...] view per tensor (broadcasting over each slot's elements)."""
-    views: dict[int, torch.Tensor] = {}
-    out = []
-    for t in tensors:
-        d = t.dim()
-        if d not in views:
-            views[d] = values.view(-1, *([1] * (d - 1)))
-        out.append(views[d])
-    return out
-
-
-def adam_tables(params: TrialParams, total_steps: int, steps_per_epoch: int) -> dict[str, list[float]]:
-    """Per optimizer step s (0-based) of a trial: the lr after its schedule and warm-up, and the
-    scalars torch's Adam derives from it in Python double precision at step s + 1: the step size
-    −lr / (1 − β1^t), sqrt(1 − β2^t) and AdamW's decay factor 1 − lr × weight_decay. Computed here
-    once per trial, with the same expressions, so the packed step is bitwise torch's."""
-    opt = params.optimizer
-    schedule = LRSchedule(params.schedule, total_steps, steps_per_epoch)
-    beta1, beta2 = opt.betas
-    lr, step_size, bc2_sqrt, decay = [], [], [], []
-    for s in range(max(1, total_steps)):
-        rate = opt.lr * schedule(s)
-        t = float(s + 1)
-        lr.append(rate)
-        step_size.append((rate / (1 - beta1 ** t)) * -1)
-        bc2_sqrt.append((1 - beta2 ** t) ** 0.5)
-        decay.append(1 - rate * opt.weight_decay if opt.name == "adamw" and opt.weight_decay != 0 else 1.0)
-    return {"lr": lr, "step_size": step_size, "bc2_sqrt": bc2_sqrt, "decay": decay}
-
-
-@dataclass
-class AdamState:
-    """The stacked tensors one packed Adam step reads and writes."""
-
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    exp_avgs: list[torch.Tensor]
-    exp_avg_sqs: list[torch.Tensor]
-    max_exp_avg_sqs: list[torch.Tensor] | None  # only when some slot uses amsgrad
-
-
-def packed_adam_step(s: AdamState, *, one_minus_beta1: torch.Tensor, beta2: torch.Tensor,
-                     one_minus_beta2: torch.Tensor, eps: torch.Tensor, step_size: torch.Tensor,
-                     bc2_sqrt: torch.Tensor, coupled_wd: torch.Tensor | None = None,
-                     decay: torch.Tensor | None = None, amsgrad: torch.Tensor | None = None) -> None:
-    """One Adam/AdamW step for every slot at once. Each hyperparameter is a [K] float32 tensor (one
-    value per slot, cast from the double torch's Adam uses); `coupled_wd` (Adam's L2 term) and
-    `decay` (AdamW's factor) are None when no slot uses them, `amsgrad` a [K] bool mask or None.
-
-    The ops mirror `torch.optim.adam._multi_tensor_adam` (foreach, not capturable), per slot:
-    g += wd·p (adam) or p *= 1 − lr·wd (adamw); m.lerp_(g, 1 − β1); v = v·β2 + ((1 − β2)·g)·g;
-    denom = sqrt(v or max v) / sqrt(1 − β2^t) + eps; p += (step_size · m) / denom. There is no
-    loop over slots: each line is one `torch._foreach_*` op over the stacked tensors."""
-    p, g = s.params, s.grads
-    if coupled_wd is not None:
-        g = list(torch._foreach_addcmul(g, p, _per_slot(coupled_wd, p)))
-    if decay is not None:
-        torch._foreach_mul_(p, _per_slot(decay, p))
-    torch._foreach_lerp_(s.exp_avgs, g, _per_slot(one_minus_beta1, p))
-    torch._foreach_mul_(s.exp_avg_sqs, _per_slot(beta2, p))
-    torch._foreach_addcmul_(s.exp_avg_sqs, torch._foreach_mul(g, _per_slot(one_minus_beta2, p)), g)
-    del g
-    if amsgrad is not None and s.max_exp_avg_sqs is not None:
-        torch._foreach_maximum_(s.max_exp_avg_sqs, s.exp_avg_sqs)
-        masks = _per_slot(amsgrad, p)
-        source = [torch.where(mask, mx, v) for mask, mx, v in zip(masks, s.max_exp_avg_sqs, s.exp_avg_sqs)]
-        denom = torch._foreach_sqrt(source)
-        del source
-    else:
-        denom = torch._foreach_sqrt(s.exp_avg_sqs)
-    torch._foreach_div_(denom, _per_slot(bc2_sqrt, p))
-    torch._foreach_add_(denom, _per_slot(eps, p))
-    numer = torch._foreach_mul(s.exp_avgs, _per_slot(step_size, p))
-    torch._foreach_addcdiv_(p, numer, denom)
-
-
-def packed_clip(grads: list[torch.Tensor], norm_threshold: torch.Tensor | None,
-                value_threshold: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per slot: the global L2 gradient norm before clipping ([K]), then clipping by norm (slots
-    with a finite `norm_threshold`) or by value (slots with a finite `value_threshold`; inf means
-    off). Returns (norms, clipped) as [K] tensors on the device, `clipped` 1.0 where this step
-    clipped. The arithmetic per slot is `optim.clip_gradients`'s."""
-    k = grads[0].shape[0]
-    rows = [row for g in grads for row in g.unbind(0)]  # each slot's tensors, laid out as one model's
-    per_tensor = torch.stack(torch._foreach_norm(rows, 2)).view(len(grads), k).t().contiguous()
-    norms = torch.linalg.vector_norm(per_tensor, 2, dim=1)
-    clipped = torch.zeros_like(norms)
-    if norm_threshold is not None:
-        # clip_grads_with_norm_: max_norm / (norm + 1e-6), which torch evaluates as reciprocal × max_norm
-        coef = torch.clamp((norms + 1e-6).reciprocal() * norm_threshold, max=1.0)
-        torch._foreach_mul_(grads, _per_slot(coef, grads))
-        clipped = torch.where(norms > norm_threshold, 1.0, clipped)
-    if value_threshold is not None:
-        peak = torch.stack(torch._foreach_norm(rows, math.inf)).view(len(grads), k).amax(0)
-        torch._foreach_maximum_(grads, _per_slot(-value_threshold, grads))
-        torch._foreach_minimum_(grads, _per_slot(value_threshold, grads))
-        clipped = torch.where(peak > value_threshold, 1.0, clipped)
-    return norms, clipped
-
 
 # ---------------------------------------------------------------------------------------------
 # The pack
@@ -373,16 +45,6 @@ def packed_clip(grads: list[torch.Tensor], norm_threshold: torch.Tensor | None,
 
 class PackError(ValueError):
     """A trial that cannot join this pack (full, another model or batch size, not packable)."""
-
-
-@dataclass
-class SlotEpoch:
-    """What one epoch of the pack did for one slot: its record (None when it diverged in this
-    epoch), whether it has now trained all its epochs, and whether it diverged."""
-
-    record: EpochRecord | None
-    finished: bool
-    diverged: bool = False
 
 
 @dataclass
@@ -397,26 +59,16 @@ class _Plan:
     value: bool  # some slot clips by value
 
 
-@dataclass
-class _Slot:
+@dataclass(kw_only=True)
+class _Slot(TrialProgress):
+    """A trial in the pack: its epoch accounting (TrialProgress) and where its tensors are."""
+
     key: Hashable
-    params: TrialParams
     generator: torch.Generator
     steps_per_epoch: int
-    epoch: int = 0  # epochs done
-    step: int = 0  # optimizer steps done
-    history: list[dict[str, Any]] = field(default_factory=list)
     own: dict[str, torch.Tensor] | None = None  # its tensors while it is not in the stack
     batches_tracked: dict[str, int] = field(default_factory=dict)  # batch norms' counters at `add`
     step_at_add: int = 0
-    resumed_from: int | None = None
-    diverged_at: dict[str, Any] | None = None
-    seconds: float = 0.0
-    last_lr: float = 0.0
-
-    @property
-    def live(self) -> bool:
-        return self.diverged_at is None and self.epoch < self.params.training.epochs
 
 
 class Pack:
@@ -458,7 +110,7 @@ class Pack:
             self.template = initial_model(training.model, data.num_classes, self.device, self.settings,
                                           options=training.model_options, in_channels=data.in_channels,
                                           image_size=data.image_size)
-        _check_structure(self.template)
+        check_structure(self.template)
         self.param_names = [n for n, _ in self.template.named_parameters()]
         self.buffer_names = [n for n, b in self.template.named_buffers() if not n.endswith("num_batches_tracked")]
         self.counter_names = [n for n, _ in self.template.named_buffers() if n.endswith("num_batches_tracked")]
@@ -516,12 +168,8 @@ class Pack:
             self.template.load_state_dict(state["model"])
             weights = self.template.state_dict()
             moments = state["optimizer"]["state"]
-            _restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
-            slot.epoch, slot.step = int(state["epoch"]), int(state["step"])
-            slot.history = list(state["history"])
-            slot.resumed_from = slot.epoch
-            if slot.history:
-                slot.last_lr = float(slot.history[-1]["lr"])
+            restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
+            slot.resume(state)
         own: dict[str, torch.Tensor] = {}
         for i, name in enumerate(self.param_names):
             w = weights[name].detach().to(self.device).clone()  # one model's layout (channels_last convs)
@@ -626,7 +274,7 @@ class Pack:
         for name in self.param_names:
             owner, _, attr = name.rpartition(".")
             t = self._stack["p." + name]
-            setattr(mods[owner], attr, t.view(_packed_shape(t)) if t.dim() > 2 else t.view(-1))
+            setattr(mods[owner], attr, t.view(packed_shape(t)) if t.dim() > 2 else t.view(-1))
         for name in self.buffer_names:
             owner, _, attr = name.rpartition(".")
             setattr(mods[owner], attr, self._stack["b." + name].view(-1))
@@ -717,17 +365,11 @@ class Pack:
                 diverged[pos] = {"epoch": s.epoch + 1, "step": s.step + n_steps, "loss": val_loss[pos]}
                 self._freeze(pos)
             if pos in diverged:
-                s.diverged_at = diverged[pos]
-                s.step = int(diverged[pos]["step"])
-                out_by_slot[s.key] = SlotEpoch(None, finished=True, diverged=True)
+                out_by_slot[s.key] = s.diverge(diverged[pos])
                 continue
-            s.epoch += 1
-            s.step += n_steps
-            s.last_lr = last_lrs[pos]
-            record = epoch_record(s.epoch, sums[pos], n_steps, val_loss[pos], val_acc[pos], last_lrs[pos], seconds,
-                                  norm_t[:, pos], clip_t[:, pos])
-            s.history.append(record.to_dict())
-            out_by_slot[s.key] = SlotEpoch(record, finished=s.epoch >= s.params.training.epochs)
+            record = epoch_record(s.epoch + 1, sums[pos], n_steps, val_loss[pos], val_acc[pos], last_lrs[pos],
+                                  seconds, norm_t[:, pos], clip_t[:, pos])
+            out_by_slot[s.key] = s.advance(record, n_steps)
         return out_by_slot
 
     def _plan(self, slots: list[_Slot]) -> _Plan:
@@ -754,7 +396,7 @@ class Pack:
         self._bind(skeleton)
         for p in state.params:
             p.grad = None
-        with _autocast(self.device, self.settings):
+        with autocast(self.device, self.settings):
             out = skeleton(xb)
         logits = out.float().view(b, k, self.data.num_classes).transpose(0, 1).contiguous()  # K × B × classes
         losses = _slot_losses(logits, yb, "mean", self.exact)  # K
@@ -804,7 +446,7 @@ class Pack:
         total_loss = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.long)
         self._bind(skeleton)
-        with torch.inference_mode(), _autocast(self.device, settings):
+        with torch.inference_mode(), autocast(self.device, settings):
             for xb, yb in eval_batches(x, y, data, EVAL_BATCH, pad=settings.static_shapes):
                 xk = torch.cat([xb] * k, dim=1).contiguous(memory_format=torch.channels_last)
                 out = skeleton(xk)[:len(yb)].float().view(len(yb), k, data.num_classes).transpose(0, 1).contiguous()
@@ -866,27 +508,15 @@ class Pack:
         save_checkpoint(path, params=slot.params, model=model, optimizer=self.optimizer(key, model),
                         generator=slot.generator, epoch=slot.epoch, step=slot.step, history=slot.history)
 
-    def result(self, key: Hashable, *, evaluate_test: bool = False, keep_model: bool = False) -> TrainResult:
-        """The slot's outcome as `train.train` returns it: "diverged", "completed" (all epochs) or
-        "stopped" (taken out earlier, e.g. pruned)."""
-        slot = self.slots[key]
-        if slot.diverged_at is not None:
-            outcome = "diverged"
-        elif slot.epoch >= slot.params.training.epochs:
-            outcome = "completed"
-        else:
-            outcome = "stopped"
-        result = TrainResult(outcome=outcome, history=list(slot.history), epochs=len(slot.history),
-                             seconds=slot.seconds, device=str(self.device), resumed_from_epoch=slot.resumed_from,
-                             diverged_at=slot.diverged_at)
-        if slot.history:
-            result.val_accuracy = slot.history[-1]["val_accuracy"]
-            result.val_loss = slot.history[-1]["val_loss"]
+    def result(self, key: Hashable, *, outcome: str | None = None, evaluate_test: bool = False,
+               keep_model: bool = False) -> TrainResult:
+        """The slot's outcome as `train.train` returns it (TrialProgress.result)."""
+        result = self.slots[key].result(self.device, outcome)
         if evaluate_test or keep_model:
             from tuner.training.train import evaluate
 
             model = self.model(key)
-            if evaluate_test and outcome != "diverged":
+            if evaluate_test and result.outcome != "diverged":
                 result.test_loss, result.test_accuracy = evaluate(model, model, self.data.x_test, self.data.y_test,
                                                                   self.data, self.settings)
             if keep_model:
@@ -927,121 +557,3 @@ def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
             out[n].copy_(row)
         return out
     return torch.stack(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# How many trials per pack
-# ---------------------------------------------------------------------------------------------
-
-AUTO_CAP = 32  # the most trials `auto` packs
-AUTO_GAIN = 1.1  # `auto` doubles K while trial-steps per second grow by at least this factor
-MEMORY_SHARE = 0.8  # of the free device memory a pack may plan to use
-CPU_NOTE = ("packing does not pay on the CPU (2 cores: the grouped model runs no faster than the trials one "
-            "after another; see the README, Trial packing)")
-
-
-def pack_size(setting: int | str, training: TrainingParams, data: DeviceData,
-              settings: DeviceSettings | None = None) -> tuple[int, str]:
-    """(trials per pack, why) for a worker: `setting` is the study's or the flag's `pack` (a number,
-    or "auto": 1 on the CPU, on CUDA sized from free memory and a short probe, see `auto_size`).
-    Models that cannot be packed, and compiled runs, get 1 with the reason."""
-    if setting == 1:
-        return 1, "pack: 1 (packing off)"
-    ok, why = packable(training.model)
-    if not ok:
-        return 1, why
-    if training.compile and data.device.type == "cuda":
-        return 1, "compile: true: compiled models are not packed"
-    if setting != "auto":
-        return int(setting), f"pack: {setting}"
-    if data.device.type != "cuda":
-        return 1, f"pack: auto: {CPU_NOTE}"
-    return cuda_auto_size(training, data, settings)
-
-
-def _probe_trials(training: TrainingParams, k: int) -> list[TrialParams]:
-    return [TrialParams(training=TrainingParams(**{**training.__dict__, "seed": i})) for i in range(k)]
-
-
-def cuda_auto_size(training: TrainingParams, data: DeviceData,
-                   settings: DeviceSettings | None = None) -> tuple[int, str]:
-    """`auto` on CUDA: measure one trial's memory (weights, Adam state and one step's activations)
-    and its steps per second, then double K while the free memory (`torch.cuda.mem_get_info`) allows
-    it and trial-steps per second keep growing; an out-of-memory probe stops at the K before."""
-    device = data.device
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    free, _total = torch.cuda.mem_get_info(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-
-    def seconds_per_step(k: int) -> float:
-        pack = Pack(data, k, training, settings=settings)
-        for i, params in enumerate(_probe_trials(training, k)):
-            pack.add(i, params)
-        try:
-            return pack.probe()
-        finally:
-            del pack
-            torch.cuda.empty_cache()
-
-    try:
-        one = seconds_per_step(1)
-    except torch.cuda.OutOfMemoryError:
-        return 1, "pack: auto: one trial alone fills the GPU"
-    per_trial = max(1, torch.cuda.max_memory_allocated(device) - base)
-    k, why = auto_size(seconds_per_step, one_step=one, per_trial_bytes=per_trial, free_bytes=free)
-    return k, why
-
-
-def auto_size(seconds_per_step: Callable[[int], float], *, one_step: float, per_trial_bytes: int,
-              free_bytes: int, cap: int = AUTO_CAP, gain: float = AUTO_GAIN) -> tuple[int, str]:
-    """The doubling search of `auto`: K = 2, 4, 8, ... up to `cap` and to what MEMORY_SHARE of the free
-    memory holds at `per_trial_bytes` each, kept while K / seconds_per_step(K) beats the best so far
-    by `gain`. A probe that runs out of memory (torch.cuda.OutOfMemoryError, or any error saying
-    "out of memory") ends the search at the K before it."""
-    fits = max(1, int(MEMORY_SHARE * free_bytes // max(1, per_trial_bytes)))
-    best_k, best_rate = 1, 1.0 / max(one_step, 1e-9)
-    stopped = ""
-    k = 2
-    while k <= min(cap, fits):
-        try:
-            rate = k / max(seconds_per_step(k), 1e-9)
-        except Exception as exc:  # noqa: BLE001 - only an out-of-memory error ends the search quietly
-            if "out of memory" not in str(exc).lower() and not _is_oom(exc):
-                raise
-            stopped = f"; {k} ran out of memory"
-            break
-        if rate < gain * best_rate:
-            break
-        best_k, best_rate = k, rate
-        k *= 2
-    mib = per_trial_bytes / 2**20
-    return best_k, (f"pack: auto: {best_k} trials per pack ({best_rate * one_step:.2f}x one trial's steps per "
-                    f"second; {mib:.0f} MiB per trial, {free_bytes / 2**30:.1f} GiB free, room for {fits}{stopped})")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return oom is not None and isinstance(exc, oom)
-
-
-def train_packed(trials: Iterable[TrialParams], data: DeviceData, *, capacity: int | None = None,
-                 settings: DeviceSettings | None = None) -> list[TrainResult]:
-    """Train `trials` (one study: the same model and batch size) in packs of `capacity` (default: all
-    at once), refilling freed slots; each result as `train.train` would return it."""
-    trials = list(trials)
-    if not trials:
-        return []
-    pack = Pack(data, capacity or len(trials), trials[0].training, settings=settings)
-    results: dict[int, TrainResult] = {}
-    queue = list(enumerate(trials))
-    while queue or len(pack):
-        while queue and pack.free > 0:
-            index, params = queue.pop(0)
-            pack.add(index, params)
-        for key, out in pack.run_epoch().items():
-            if out.finished:
-                results[int(key)] = pack.result(key)  # type: ignore[call-overload]
-                pack.remove(key)
-    return [results[i] for i in range(len(trials))]
