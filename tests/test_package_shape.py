@@ -7,6 +7,10 @@
   file (`self._f` and `cls._f` are a class's own business). A leading-underscore *module*, such as
   tuner/storage/_optuna.py (the one home of Optuna's private names), may be imported: that is what
   it is for.
+- every import inside a function (one not under `if TYPE_CHECKING:`) says on its line why it is
+  there: a trailing `# ...` comment, on the first line of a parenthesized multi-line import. An
+  import stays inside a function only where start-up needs it (the read-side commands import no
+  torch; Optuna is imported only after its version is checked); all others are at the module top.
 
 Each check is also run on a small planted package, to show that it catches what it should.
 """
@@ -14,6 +18,8 @@ Each check is also run on a small planted package, to show that it catches what 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,6 +180,32 @@ def private_reaches(package: Path) -> list[str]:
     return sorted(hits, key=lambda h: (h.split(":")[0], int(h.split(":")[1].split()[0]), h))
 
 
+def uncommented_function_imports(package: Path) -> list[str]:
+    """Each import inside a function (not under `if TYPE_CHECKING:`) with no comment on its (first)
+    line, as `FILE:LINE the import line`."""
+    mods = modules(package)
+    hits: list[str] = []
+    for path in mods.values():
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        skipped = type_checking_only(tree)
+        commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+                     if tok.type == tokenize.COMMENT}
+        lines = text.splitlines()
+        seen: set[int] = set()
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if (isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skipped
+                        and node.lineno not in seen):
+                    seen.add(node.lineno)
+                    if node.lineno not in commented:
+                        shown = path.relative_to(package.parent).as_posix()
+                        hits.append(f"{shown}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    return sorted(hits, key=lambda h: (h.split(":")[0], int(h.split(":")[1].split()[0])))
+
+
 # ---------------------------------------------------------------------------------------------
 # tuner
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +218,12 @@ def test_tuner_has_no_import_circles() -> None:
 def test_no_tuner_module_uses_another_ones_private_names() -> None:
     hits = private_reaches(ROOT)
     assert not hits, "private names used across modules:\n" + "\n".join(hits)
+
+
+def test_every_import_inside_a_function_says_why() -> None:
+    bare = uncommented_function_imports(ROOT)
+    assert not bare, ("imports inside functions with no comment on their line saying why (move them to the "
+                      "module top, or say what start-up cost they avoid):\n" + "\n".join(bare))
 
 
 def test_the_walk_sees_the_whole_package() -> None:
@@ -257,4 +295,35 @@ def test_private_names_used_across_modules_are_found(tmp_path: Path) -> None:
         "pkg/b.py:6 calls _step of pkg.a",
         "pkg/c.py:4 uses a._Box",
         "pkg/c.py:5 uses same._CONST",
+    ]
+
+
+def test_an_import_inside_a_function_without_a_comment_is_found(tmp_path: Path) -> None:
+    pkg = plant(tmp_path, {**BASE,
+                           "pkg/a.py": ("import json\n"  # the module top: no comment needed
+                                        "from typing import TYPE_CHECKING\n\n"
+                                        "def f():\n"
+                                        "    import os\n"  # bare: found
+                                        "    import sys  # why: it is cheap\n"
+                                        "    if TYPE_CHECKING:\n"
+                                        "        from pkg.sub import b\n"  # never runs: not counted
+                                        "    from pkg.sub import (  # pkg.sub: only when f runs\n"
+                                        "        b,\n"
+                                        "    )\n"
+                                        "    from pkg.sub import (\n"  # the comment is not on the first line: found
+                                        "        b as c,  # too late\n"
+                                        "    )\n"
+                                        "    import math; s = '# not a comment'\n"  # a '#' in a string: found
+                                        "    return json, os, sys, b, c, math, s\n"),
+                           "pkg/sub/b.py": ("class K:\n"
+                                            "    async def g(self):\n"
+                                            "        def inner():\n"
+                                            "            from .. import a\n"  # nested: found
+                                            "            return a\n"
+                                            "        return inner\n")})
+    assert uncommented_function_imports(pkg) == [
+        "pkg/a.py:5 import os",
+        "pkg/a.py:12 from pkg.sub import (",
+        "pkg/a.py:15 import math; s = '# not a comment'",
+        "pkg/sub/b.py:4 from .. import a",
     ]

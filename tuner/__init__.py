@@ -20,7 +20,7 @@ __all__ = ["__version__", "export_best", "load_config", "tune"]
 
 def __getattr__(name: str) -> Any:
     if name in ("export_best", "load_config", "tune"):
-        from tuner import api
+        from tuner import api  # Optuna and the engine: `import tuner` stays cheap, the API loads on first use
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,8 +36,6 @@ def atomic_write(path: str | Path, data: bytes | str | BinaryIO, *, mode: int = 
 
 def remove_stale_temp_files(folder: str | Path, older_than: float = 600.0) -> None:
     """Temp files of atomic writes that killed processes left behind (`.<name>.XXXX.tmp`)."""
-    import time
-
     now = time.time()
     for p in Path(folder).glob(".*.tmp"):
         try:

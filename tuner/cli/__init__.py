@@ -10,8 +10,11 @@ are imported here.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -75,14 +78,10 @@ def run() -> None:
         print(code, file=sys.stderr)
         code = 1
     code = int(code or 0)
-    import threading
-
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         raise SystemExit(code)
-    import atexit
-
     if "tuner.storage.database" in sys.modules:  # a command that opened no storage need not import it now
-        from tuner.storage.database import close_all
+        from tuner.storage.database import close_all  # only if loaded: it imports Optuna, maybe the refused one
 
         close_all()
     atexit._run_exitfuncs()
@@ -113,8 +112,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _stopped(signals: CommandSignals, message: str | None = None, code: int | None = None) -> NoReturn:
     """Stopped by a signal: one line (the worker's own, or which signal it was) and 128 + its number."""
-    import signal
-
     signals.stopping()
     signum = signals.signum or signal.SIGINT
     print(redact(message or stopped_message(signum)), file=sys.stderr, flush=True)
@@ -152,7 +149,7 @@ def _invoke(command: Any, args: list[str], debug: bool, signals: CommandSignals)
             traceback.print_exc()
         if signals.signum is not None:  # a failure caused by the interruption
             _stopped(signals)
-        from tuner.storage.database import is_transient, reason
+        from tuner.storage.database import is_transient, reason  # it imports Optuna: only after its version check
 
         if is_transient(exc):  # a database that went away outside a worker's retried steps
             fail(f"storage: the database is unreachable ({reason(exc)})", 1)

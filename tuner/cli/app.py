@@ -33,6 +33,8 @@ def _root(
         callback=_print_versions)] = False,
 ) -> None:
     """Hyperparameter tuning of Adam on CIFAR-10: train, sweep, report, export."""
-    import optuna  # a command runs: tuner prints its own lines, Optuna only its warnings
+    import optuna  # optuna: not before tuner.cli has checked its version (an old one is one line, not a traceback)
+
+    # a command runs: tuner prints its own lines, Optuna only its warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

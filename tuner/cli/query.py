@@ -13,6 +13,7 @@ from tuner.cli.app import app
 from tuner.cli.common import Debug, StorageOpt, err_console, say, table
 from tuner.cli.sweep import describe
 from tuner.errors import ConfigError
+from tuner.insight.export import write_export
 from tuner.storage import keys
 from tuner.storage._optuna import study_id
 from tuner.storage.database import open_storage, require_study
@@ -66,8 +67,6 @@ def export_command(name: NameArg,
                                      typer.Option("-o", "--output", help="Write here (else stdout).")] = None,
                    storage: StorageOpt = None, debug: Debug = False) -> None:
     """Write the best trial's params as YAML that `tuner train` and plain PyTorch read."""
-    from tuner.insight.export import write_export
-
     rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
     text = write_export(rdb, name, output)
     if output is None:
@@ -85,7 +84,7 @@ def dashboard_command(
 ) -> None:
     """Serve optuna-dashboard on the same storage (localhost only unless --host says otherwise).
     Before it starts, each tuner study gets its metric name, a note and tuner's panels."""
-    import optuna_dashboard
+    import optuna_dashboard  # optuna_dashboard: its server (bottle) only for `tuner dashboard`, not every start-up
 
     if not 0 < port < 65536:
         raise ConfigError(f"must be 1..65535, got {port}", key="--port")
@@ -101,7 +100,7 @@ def dashboard_command(
 
 def _publish_all(rdb) -> None:  # noqa: ANN001
     try:
-        from tuner.insight.dashboard import publish
+        from tuner.insight.dashboard import publish  # optuna_dashboard, report panels: `tuner dashboard` only
     except ImportError:
         return
     for s in rdb.get_all_studies():

@@ -20,6 +20,8 @@ from tuner.cli.common import (
     table,
 )
 from tuner.errors import ConfigError
+from tuner.insight.export import choose_best
+from tuner.insight.verify import Run, run_verify
 from tuner.storage.database import open_storage
 from tuner.study.settings import Settings
 
@@ -35,7 +37,7 @@ def report_command(
     debug: Debug = False,
 ) -> None:
     """Write one self-contained HTML report of a study (plots work offline)."""
-    from tuner.insight.report import write_report
+    from tuner.insight.report import write_report  # the report package (~30 ms): only for `tuner report`
 
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
@@ -54,7 +56,7 @@ def compare_command(
     debug: Debug = False,
 ) -> None:
     """Compare studies side by side: trials, best value, top-5 median, time to 95% of the best."""
-    from tuner.insight.compare import load_compare, table_rows, write_compare
+    from tuner.insight.compare import load_compare, table_rows, write_compare  # ~30 ms: only for `tuner compare`
 
     if len(names) < 2:
         raise ConfigError("give at least two study names to compare", key="NAMES")
@@ -82,9 +84,6 @@ def verify_command(
     """Retrain the top configs with new seeds at the full budget; `tuner export` then picks the best mean.
 
     Each run is stored as it finishes: run again after an interruption to continue."""
-    from tuner.insight.export import choose_best
-    from tuner.insight.verify import Run, run_verify
-
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
     if seeds < 1:

@@ -11,7 +11,7 @@ import typer
 from tuner.cli.app import app
 from tuner.cli.common import DataDirOpt, DatasetOpt, Debug, DeviceOpt, interactive, say
 from tuner.errors import DivergedError
-from tuner.study.params import check_override, load_params
+from tuner.study.params import check_override, check_training_model, load_params
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -40,11 +40,10 @@ def train_command(
     check_override("--seed", seed, ge=0)
     params = load_params(params_file, check_model=False).with_training(dataset=dataset, epochs=epochs,
                                                                        batch_size=batch_size, seed=seed)
-    from tuner.study.params import check_training_model
 
     check_training_model(params.training, file=str(params_file), data_dir=data_dir)  # a model reference
     from tuner.training.data import load_dataset  # torch: only once the params file is known to be good
-    from tuner.training.train import load_checkpoint, resolve_device, train
+    from tuner.training.train import load_checkpoint, resolve_device, train  # torch: only when training
 
     dev = resolve_device(device)
     data = load_dataset(params.training.dataset, dev, data_dir=data_dir,
@@ -98,7 +97,7 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn  # ~20 ms: a bar only
 
             self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), transient=False)

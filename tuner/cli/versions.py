@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from tuner import __version__
 
@@ -14,8 +18,6 @@ OPTUNA_REQUIREMENT = ">=5.0,<5.2"
 @cache
 def installed_version(dist: str) -> str | None:
     """The installed version of distribution `dist`, read from its metadata (nothing is imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -26,9 +28,6 @@ def optuna_problem(found: str | None) -> str | None:
     """Why Optuna version `found` (None: not installed) cannot run tuner, as one line; None if it can.
     Development and pre-releases inside the range are accepted (5.1.0.dev0), those of its ends are not."""
     if found is not None:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import InvalidVersion, Version
-
         try:
             if SpecifierSet(OPTUNA_REQUIREMENT).contains(Version(found), prereleases=True):
                 return None

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import plotly.graph_objects as go
 
 from tuner.insight.report.data import StudyData, load_study_data
 from tuner.insight.report.page import Section, render_page, write_html
 from tuner.insight.report.style import PALETTE
+from tuner.study.space import KNOBS
 
 TARGET_FRACTION = 0.95
 TOP_N = 5
@@ -74,8 +76,6 @@ def _reach(s: StudySummary, target: float | None) -> tuple[int | None, float | N
 
 def knob_descriptions(config: dict[str, Any]) -> dict[str, str]:
     """What a study did with each knob: a searched range or choices, or "fixed: VALUE"."""
-    from tuner.study.space import KNOBS
-
     if not config:
         return {}
     space = config.get("space") or {}
@@ -209,8 +209,6 @@ def _table_html(headers: list[str], rows: list[list[str]]) -> str:
 
 def best_curve_figure(info: CompareInfo, by: str = "trials") -> Any:
     """Best-so-far value against the trial count (`by="trials"`) or cumulative training time."""
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     for i, s in enumerate(info.studies):
         pts = [(x, b) for x, b in zip(s.trial_counts if by == "trials" else s.cum_seconds, s.best_so_far)
@@ -230,8 +228,7 @@ def best_curve_figure(info: CompareInfo, by: str = "trials") -> Any:
 
 def final_figure(info: CompareInfo) -> Any:
     """The final val accuracies of COMPLETE trials: overlaid histograms and box plots."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots  # plotly.subplots (~50 ms): only when this figure is drawn
 
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.08,
                         subplot_titles=("histogram", "box (every trial shown)"))

@@ -13,8 +13,8 @@ Optuna's public API, so that any optuna-dashboard on the same storage shows them
 It is idempotent and cheap: every graph has a fixed id, so a second call overwrites rather than
 adds, and nothing is written that is already stored as is (the note's version, which
 `save_note` bumps on every write, stays put when the text is the same). A study without a stored
-tuner config is left alone: its objective need not be an accuracy. Imports neither torch nor,
-until a graph is drawn, plotly.
+tuner config is left alone: its objective need not be an accuracy. Imports no torch; plotly's
+figure classes load when a graph is drawn.
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import optuna
+import plotly.graph_objects as go
+import yaml
+from optuna_dashboard import get_note, save_note, save_plotly_graph_object
+
 from tuner.insight.report.build import space_rows
 from tuner.insight.report.data import StudyData, study_data_from_trials
+from tuner.insight.report.panels.curves import curves_figure, curves_info
+from tuner.insight.report.panels.grad import grad_figure, grad_info
 from tuner.storage import keys
 from tuner.storage.database import require_study
 
@@ -34,14 +41,10 @@ PLOT_PREFIX = "dashboard:plot_data:"  # optuna-dashboard's study system attr key
 
 
 def _grad_graph(data: StudyData) -> tuple[str, Any]:
-    from tuner.insight.report.panels.grad import grad_figure, grad_info
-
     return _drawn("Gradient norms and clipping per trial (tuner)", grad_info(data), grad_figure)
 
 
 def _curves_graph(data: StudyData) -> tuple[str, Any]:
-    from tuner.insight.report.panels.curves import curves_figure, curves_info
-
     return _drawn("Learning curves by schedule (tuner; dashed: pruned, dotted: diverged)", curves_info(data),
                   lambda info: curves_figure(info, color_by="schedule"))
 
@@ -55,8 +58,6 @@ GRAPHS: dict[str, Callable[[StudyData], tuple[str, Any]]] = {
 
 def _drawn(title: str, info: Any, draw: Callable[[Any], Any]) -> tuple[str, Any]:
     """(title, figure): the panel's figure, or an empty one that says why it cannot be drawn."""
-    import plotly.graph_objects as go
-
     if info.missing:
         fig = go.Figure()
         fig.add_annotation(text=f"Not drawn: {info.missing}", showarrow=False, xref="paper", yref="paper",
@@ -71,8 +72,6 @@ def _drawn(title: str, info: Any, draw: Callable[[Any], Any]) -> tuple[str, Any]
 
 def note_text(data: StudyData) -> str:
     """tuner's part of the study note (Markdown): the study, its search space, its stored config."""
-    import yaml
-
     c = data.config
     sampler, pruner = (c.get("sampler") or {}).get("name", "?"), (c.get("pruner") or {}).get("name", "?")
     lines = [f"## {data.name}: `{METRIC}` of {c.get('model', '?')} on {c.get('dataset', '?')}", "",
@@ -112,9 +111,6 @@ def publish(storage: Any, study_name: str, trials: list[Any] | None = None) -> N
     `storage`: an `optuna.storages.BaseStorage`. Safe to call as often as wanted (each sweep's end,
     each dashboard start): nothing is duplicated, and what is already stored as is is not rewritten.
     `trials`: the study's trials when the caller has just read them (a sweep's summary), else read here."""
-    import optuna
-    from optuna_dashboard import get_note, save_note, save_plotly_graph_object
-
     study_id = require_study(storage, study_name)  # a missing study: one line naming the studies there are
     study = optuna.load_study(study_name=study_name, storage=storage)
     config = study.user_attrs.get(keys.CONFIG)

@@ -140,7 +140,7 @@ def run_verify(storage: optuna.storages.BaseStorage, name: str, *, top: int = 3,
     runs: dict[tuple[int, int], Run] = {}
     if todo:
         from tuner.training.data import load_dataset  # torch: only when there is something to train
-        from tuner.training.train import resolve_device, train
+        from tuner.training.train import resolve_device, train  # torch: as above
 
         dev = resolve_device(device)
         cache: dict[tuple[str, float], Any] = {}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import optuna
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -122,8 +123,6 @@ def open_storage(url: str | StorageURL, *, must_exist: bool = False, heartbeat_i
     """Optuna's `RDBStorage` for `url`. With `must_exist`, a missing SQLite file is an error, not
     created. Opening fails at once if the database is unreachable (exit 1). `heartbeat_interval`
     turns Optuna's heartbeats on (workers); `wal` puts a SQLite database in write-ahead-log mode."""
-    import optuna
-
     target = StorageURL.parse(url)
     if must_exist and target.sqlite_file is not None and not target.sqlite_file.exists():
         raise StudyNotFoundError(f"no study database at {target.sqlite_file} (pass --storage or set TUNER_STORAGE)")

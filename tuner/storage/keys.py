@@ -26,10 +26,11 @@ Trial system attrs (Optuna's retry convention, shared with `RetryFailedTrialCall
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 # -- study user attrs --------------------------------------------------------------------------
 CONFIG = "tuner_config"
@@ -122,10 +123,6 @@ def needs_retry(trial: FrozenTrial, max_retry: int | None) -> bool:
 
 def retry_template(trial: FrozenTrial) -> FrozenTrial:
     """A WAITING copy of `trial` with Optuna's retry system attrs, for `study.add_trial`."""
-    import uuid
-
-    from optuna.trial import create_trial
-
     system = {k: v for k, v in trial.system_attrs.items() if not k.startswith("artifacts:")}
     system[QUEUED] = uuid.uuid4().hex
     system[FAILED_TRIAL] = trial.system_attrs.get(FAILED_TRIAL, trial.number)
@@ -141,8 +138,6 @@ def fresh_template(token: str, user_attrs: dict[str, Any] | None = None,
                    fixed_params: dict[str, Any] | None = None) -> FrozenTrial:
     """A WAITING trial marked as queued by a tuner worker (`study.add_trial`). Nothing is fixed, unless
     `fixed_params` (a staged trial: Optuna's enqueue convention, values `suggest` returns as they are)."""
-    from optuna.trial import create_trial
-
     system: dict[str, Any] = {QUEUED: token}
     if fixed_params:
         system[FIXED_PARAMS] = dict(fixed_params)

@@ -35,7 +35,8 @@ from typing import Any
 
 from tuner.engine.stages import Stage, parse_stages
 from tuner.errors import ConfigError
-from tuner.study.params import TrainingParams
+from tuner.study.params import TrainingParams, check_training_model, model_setting, parse_pack, training_params
+from tuner.study.registry import PRUNERS, SAMPLERS, check_options
 from tuner.study.schema import DIRECTIONS, allowed
 from tuner.study.space import SearchSpace, parse_space
 from tuner.study.validate import Checker, read_yaml
@@ -80,7 +81,7 @@ class StudyConfig:
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     source: str | None = None  # the file it came from, for messages
     stages: tuple[Stage, ...] = ()  # `stages:` (stages.py); n_trials is their sum
-    pack: int | str = "auto"  # `training.pack`: trials a worker trains at once (pack.py); auto: 1 on a CPU
+    pack: int | str = "auto"  # `training.pack`: trials a worker trains at once (tuner.packing); auto: 1 on a CPU
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as stored in the study. It never holds the storage URL."""
@@ -109,8 +110,6 @@ TOP_KEYS = allowed("")  # every key is described in tuner.study.schema.STUDY_FIL
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     """Validate a study mapping (from a file, or as stored in a study)."""
-    from tuner.study.registry import PRUNERS, SAMPLERS  # the registry names are the valid values
-
     c = Checker(data, file=file, prefix="", allowed=TOP_KEYS)
     if not c.has("name"):
         raise c.error("name", "is required (the study name)")
@@ -121,13 +120,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     if n_trials is None and timeout is None and c.raw("stages") is None:
         raise c.error("n_trials", "set n_trials, timeout, or both")
     extra = Checker(c.raw("training"), file=file, prefix="training", allowed=allowed("training"))
-    from tuner.study.params import (  # one validator for training settings (params files)
-        model_setting,
-        parse_pack,
-        training_params,
-    )
-
-    try:  # trials per pack (pack.py): how workers run trials, not a trial's setting
+    try:  # trials per pack (tuner.packing): how workers run trials, not a trial's setting
         pack = parse_pack(extra.data.pop("pack", "auto"))
     except ValueError as exc:
         raise extra.error("pack", str(exc)) from None
@@ -187,8 +180,6 @@ def _component(c: Checker, key: str, default: str, registry: dict[str, Any]) -> 
     for opt in options:
         if opt in ("seed",):
             raise sub.error(f"options.{opt}", "is set from the study's top-level `seed`")
-    from tuner.study.registry import check_options
-
     problem = check_options(registry[name], options)
     if problem:
         raise sub.error("options", problem)
@@ -217,8 +208,6 @@ def load_study_file(path: str | Path, *, check_model: bool = True) -> StudyConfi
 
 def check_study_model(config: StudyConfig, data_dir: str | Path | None = None) -> None:
     """A model reference, imported and tried on one dummy batch (`ConfigError` naming the file and `model`)."""
-    from tuner.study.params import check_training_model
-
     check_training_model(config.training, file=config.source, key="model", data_dir=data_dir)
 
 

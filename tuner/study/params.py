@@ -26,6 +26,7 @@ import yaml
 from tuner.errors import ConfigError
 from tuner.study.schema import CLIP_MODES, OPTIMIZERS, PARAMS_FILE, PRECISIONS, SCHEDULES, allowed
 from tuner.study.validate import Checker, as_float, as_int, read_yaml
+from tuner.training.models import MODELS, SHAPE_KWARGS, check_model, check_reference_syntax, is_reference
 
 DEFAULT_MODEL = "fastcnn"
 
@@ -231,8 +232,6 @@ def training_params(data: Any, file: str | None) -> TrainingParams:
 def model_setting(c: Checker, key: str, options_key: str) -> tuple[str, dict[str, Any] | None]:
     """`model` (a registry name or a reference) and its `model_options`, checked for form only (the
     reference is imported by `check_training_model`, when a file is loaded)."""
-    from tuner.training.models import MODELS, SHAPE_KWARGS, check_reference_syntax, is_reference
-
     name = c.str(key, DEFAULT_MODEL)
     if is_reference(name):
         problem = check_reference_syntax(name)
@@ -269,15 +268,11 @@ def check_training_model(t: TrainingParams, *, file: str | None, key: str = "tra
                          data_dir: str | Path | None = None) -> None:
     """Import a model reference, build it on the CPU and run one dummy batch of the dataset's shape
     through it (`ConfigError` naming `file` and `key`, exit 2). Registry names are not checked here."""
-    from tuner.training.models import is_reference
-
     if not is_reference(t.model):
         return
     from tuner.training.data import describe  # torch: only for a reference, which needs it anyway
 
     shape = describe(t.dataset, data_dir=data_dir, image_size=t.image_size)
-    from tuner.training.models import check_model
-
     check_model(t.model, t.model_options, num_classes=shape.num_classes, in_channels=shape.channels,
                 image_size=shape.image_size, file=file, key=key)
 
@@ -304,7 +299,7 @@ PACK_AUTO = "auto"
 
 
 def parse_pack(value: Any) -> int | str:
-    """A `pack` setting (trials trained at once per worker, pack.py): a whole number >= 1 or "auto".
+    """A `pack` setting (trials trained at once per worker, tuner.packing): a whole number >= 1 or "auto".
     A whole number is read the way other integer keys are (`4`, `4.0`, `"4"`). Raises ValueError
     with the reason."""
     if isinstance(value, str) and value.strip().lower() == PACK_AUTO:

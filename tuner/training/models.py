@@ -29,8 +29,8 @@ _NETS = ("conv_bn", "FastCNN", "TinyNet")  # defined by `_nets()`, read as modul
 @cache
 def _nets() -> dict[str, Any]:
     """The torch parts of this module, defined once, on first use (torch is imported here)."""
-    import torch
-    from torch import nn
+    import torch  # torch: when a net is first built; the read-side commands import this module, not torch
+    from torch import nn  # torch: as above
 
     def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU())
@@ -84,8 +84,8 @@ def __getattr__(name: str) -> Any:
 
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 with a 3×3 stride-1 stem and no max-pool, for 32×32 inputs."""
-    from torch import nn
-    from torchvision.models import resnet18 as tv_resnet18
+    from torch import nn  # torch: only when a model is built (this module loads with every command)
+    from torchvision.models import resnet18 as tv_resnet18  # torchvision: only for a ResNet-18
 
     model = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -219,7 +219,7 @@ def build_model(name: str, num_classes: int = 10, *, options: Mapping[str, Any] 
                 in_channels: int = 3, image_size: int | tuple[int, int] = 32) -> nn.Module:
     """A freshly initialised model (initialisation follows the global torch seed): a registry name,
     or a reference called with `options` and the shape keyword arguments its signature accepts."""
-    from torch import nn
+    from torch import nn  # torch: only when a model is built (this module loads with every command)
 
     if is_reference(name):
         fn = resolve_reference(name)
@@ -244,7 +244,7 @@ def check_model(name: str, options: Mapping[str, Any] | None, *, num_classes: in
     images: a failure is a `ConfigError` naming `file` and `key` (exit 2). Registry names pass."""
     if not is_reference(name):
         return
-    import torch
+    import torch  # torch: only for a model reference, which needs it anyway
 
     try:
         model = build_model(name, num_classes, options=options, in_channels=in_channels, image_size=image_size)

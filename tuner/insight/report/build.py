@@ -37,6 +37,7 @@ from tuner.insight.report.panels import (
     top_info,
     top_table_html,
 )
+from tuner.storage import keys
 
 
 def space_text(spec: Any) -> str:
@@ -56,8 +57,6 @@ def space_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
 def stages_text(data: StudyData) -> str:
     """A staged study's stages in order: the knobs each searched, its trials (retried ones once) of
     those planned, and the best value found in it."""
-    from tuner.storage import keys
-
     gone = keys.superseded(data.frozen)
     parts = []
     for i, stage in enumerate(data.config.get("stages") or [], start=1):

@@ -17,8 +17,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.insight.report.style import KINDS
+from tuner.insight.verify import summary
 from tuner.storage import keys
 from tuner.storage.database import display, require_study
+from tuner.study.config import config_from_stored
+from tuner.study.space import suggest
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,6 @@ def _params_from_trial(t: FrozenTrial, config: dict[str, Any]) -> dict[str, Any]
     if not config.get("space"):
         return None
     try:
-        from tuner.study.config import config_from_stored
-        from tuner.study.space import suggest
-
         cfg = config_from_stored(config, config.get("name", "study"))
         return suggest(optuna.trial.FixedTrial(t.params, t.number), cfg.space, cfg.training).to_dict()
     except Exception:  # noqa: BLE001 - a trial we cannot interpret just has no knobs
@@ -145,8 +145,6 @@ def row_of(t: FrozenTrial, config: dict[str, Any] | None = None) -> TrialRow:
 def verify_stats(records: dict[int, dict[int, float]]) -> dict[int, dict[str, Any]]:
     """{trial: {"mean", "std", "n", "seeds", "values"}} from `keys.verify_records` ({trial: {seed: value}}),
     computed by `tuner.insight.verify.summary` (sample std, 0 for one run; a diverged run was stored as 0)."""
-    from tuner.insight.verify import summary
-
     return {int(number): summary(by_seed) for number, by_seed in records.items() if by_seed}
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from plotly.offline import get_plotlyjs
+
 from tuner.files import atomic_write
 
 
@@ -75,8 +77,6 @@ def figure_html(fig: Any, div_id: str, height: int) -> str:
 
 def render_page(title: str, header_html: str, sections: list[Section]) -> str:
     """A complete HTML document: plotly.js inlined once, every section a figure or a note."""
-    from plotly.offline import get_plotlyjs
-
     parts = []
     for i, s in enumerate(sections):
         anchor = f"panel-{i + 1}"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import plotly.graph_objects as go
+
 from tuner.insight.report.data import StudyData, reasons
 from tuner.insight.report.style import LABELS
 
@@ -31,8 +34,6 @@ class ContourInfo:
 
 
 def contour_info(data: StudyData, x_key: str, y_key: str, *, resolution: int = 40) -> ContourInfo:
-    import numpy as np
-
     info = ContourInfo(x_key, y_key)
     for t in sorted(data.complete, key=lambda t: t.number):
         xv, yv = t.knobs.get(x_key), t.knobs.get(y_key)
@@ -66,8 +67,6 @@ def contour_info(data: StudyData, x_key: str, y_key: str, *, resolution: int = 4
 
 
 def contour_figure(info: ContourInfo) -> Any:
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     fig.add_trace(go.Contour(x=info.grid_x, y=info.grid_y, z=info.grid_z, colorscale="Viridis", ncontours=15,
                              colorbar={"title": {"text": "val acc"}}, opacity=0.85, hoverinfo="skip"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import plotly.graph_objects as go
+
 from tuner.insight.report.data import StudyData, reasons
 from tuner.insight.report.style import KINDS, PALETTE, STYLE
 
@@ -46,8 +48,6 @@ def curves_info(data: StudyData) -> CurvesInfo:
 
 def curves_figure(info: CurvesInfo, color_by: str = "state") -> Any:
     """`color_by`: "state" (one colour per trial kind) or "schedule" (one per learning-rate schedule)."""
-    import plotly.graph_objects as go
-
     if color_by not in ("state", "schedule"):
         raise ValueError(f"color_by must be 'state' or 'schedule', got {color_by!r}")
     schedules = sorted({c.schedule or "unknown" for c in info.curves})

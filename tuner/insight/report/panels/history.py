@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import plotly.graph_objects as go
+
 from tuner.insight.report.data import StudyData, no_complete
 from tuner.insight.report.style import STYLE
 
@@ -36,8 +38,6 @@ def history_info(data: StudyData) -> HistoryInfo:
 
 
 def history_figure(info: HistoryInfo) -> Any:
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     for kind in ("pruned", "diverged"):
         pts = [p for p in info.other if p[1] == kind]

@@ -6,6 +6,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
+import plotly.graph_objects as go
+
 from tuner.insight.report.data import StudyData, reasons
 from tuner.insight.report.style import STYLE
 
@@ -21,8 +24,6 @@ class ImportanceInfo:
 
 
 def importance_info(data: StudyData) -> ImportanceInfo:
-    import optuna
-
     frozen = {t.number: t for t in data.frozen}
     complete = [frozen[t.number] for t in data.complete if t.number in frozen]
     info = ImportanceInfo(n_trials=len(complete))
@@ -52,8 +53,6 @@ def importance_info(data: StudyData) -> ImportanceInfo:
 
 
 def importance_figure(info: ImportanceInfo) -> Any:
-    import plotly.graph_objects as go
-
     names = list(info.importances)[::-1]
     fig = go.Figure(go.Bar(x=[info.importances[n] for n in names], y=names, orientation="h",
                            marker_color=STYLE["complete"][0],

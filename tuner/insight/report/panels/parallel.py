@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import plotly.graph_objects as go
+
 from tuner.insight.report.data import StudyData, reasons
 from tuner.insight.report.style import LABELS, LOG_KNOBS
 
@@ -74,8 +76,6 @@ def parallel_info(data: StudyData) -> ParallelInfo:
 
 
 def parallel_figure(info: ParallelInfo) -> Any:
-    import plotly.graph_objects as go
-
     dims = [{"label": d.label, "values": d.values, **({"tickvals": d.tickvals, "ticktext": d.ticktext}
                                                        if d.tickvals is not None else {})}
             for d in info.dimensions]

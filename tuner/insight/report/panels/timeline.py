@@ -6,6 +6,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+import plotly.graph_objects as go
+
 from tuner.insight.report.data import StudyData, reasons
 from tuner.insight.report.style import KINDS, STYLE
 
@@ -38,8 +40,6 @@ def timeline_info(data: StudyData, now: dt.datetime | None = None) -> TimelineIn
 
 
 def timeline_figure(info: TimelineInfo) -> Any:
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     for kind in KINDS:
         bars = [b for b in info.bars if b.kind == kind]
