@@ -32,6 +32,7 @@ from tuner.training.train import (
     device_settings,
     epoch_record,
     epoch_steps,
+    evaluate,
     initial_model,
     load_checkpoint,
     restore_generator,
@@ -513,8 +514,6 @@ class Pack:
         """The slot's outcome as `train.train` returns it (TrialProgress.result)."""
         result = self.slots[key].result(self.device, outcome)
         if evaluate_test or keep_model:
-            from tuner.training.train import evaluate
-
             model = self.model(key)
             if evaluate_test and result.outcome != "diverged":
                 result.test_loss, result.test_accuracy = evaluate(model, model, self.data.x_test, self.data.y_test,

@@ -16,9 +16,12 @@ sync; there are no DataLoader workers in the training loop.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import math
 import os
 import sys
+import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,8 +143,6 @@ def register_arrays(x_train: Any, y_train: Any, x_test: Any, y_test: Any, classe
                     spec: str | None = None) -> str:
     """Check arrays passed in-process (the `.npz` rules) and register them in this process's dataset
     cache under `spec` (default: a generated `in-process:arrays-...` name). Returns the spec."""
-    import uuid
-
     spec = spec or f"{IN_PROCESS}arrays-{uuid.uuid4().hex[:12]}"
     arrays = {"x_train": np.asarray(x_train), "y_train": np.asarray(y_train), "x_test": np.asarray(x_test),
               "y_test": np.asarray(y_test)}
@@ -175,14 +176,14 @@ def describe(spec: str, *, data_dir: str | Path | None = None, image_size: int |
 
 def load_cifar10(data_dir: Path, *, download: bool = True) -> RawDataset:
     """CIFAR-10 through torchvision, downloaded (checksum-verified, with a progress bar) if absent."""
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10  # torchvision: only when CIFAR-10 is the dataset
 
     return _load_cifar(CIFAR10, "cifar10", "CIFAR-10", data_dir, download)
 
 
 def load_cifar100(data_dir: Path, *, download: bool = True) -> RawDataset:
     """CIFAR-100 (the 100 fine labels) through torchvision, downloaded and checked like CIFAR-10."""
-    from torchvision.datasets import CIFAR100
+    from torchvision.datasets import CIFAR100  # torchvision: only when CIFAR-100 is the dataset
 
     return _load_cifar(CIFAR100, "cifar100", "CIFAR-100", data_dir, download)
 
@@ -288,8 +289,8 @@ def load_imagefolder(root: Path, image_size: int = 32) -> RawDataset:
     as RGB images resized once to image_size × image_size. Classes are train's folders; a test class
     that train lacks is an error (exit 2), and so is a folder with no images. Files that cannot be
     decoded are skipped, with one warning that counts them."""
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
+    from PIL import Image  # torchvision's image stack: only for image folders
+    from torchvision.datasets import ImageFolder  # (importing torchvision costs every worker's start)
 
     where = f"dataset imagefolder:{root}"
     for split in ("train", "test"):
@@ -340,9 +341,6 @@ def cached_synthetic(n_train: int, folder: Path) -> RawDataset:
     costs a few hundred ms of every worker's start, loading it ~10 ms. The file name holds a digest
     of the generator's code and the torch version (whose RNG draws it), so a change to either makes
     a new file. A folder that cannot be written only means no cache."""
-    import hashlib
-    import inspect
-
     digest = hashlib.sha1(f"{inspect.getsource(make_synthetic)}{torch.__version__}".encode()).hexdigest()[:12]
     path = folder / f"synthetic-{n_train}-{digest}.npz"
     try:
