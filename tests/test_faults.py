@@ -421,12 +421,14 @@ class opened_worker:
     """A real `tuner.engine.worker.Worker` on the study, opened (data loaded), with its heartbeat thread."""
 
     def __init__(self, url: str, name: str, **opts) -> None:
-        from tuner.engine.faults import StopController
-        from tuner.engine.worker import Heartbeat, Worker, WorkerOptions
-        from tuner.storage.database import StorageURL
+        from dataclasses import replace
 
-        self.worker = Worker(StorageURL.parse(url), name, WorkerOptions(device="cpu", worker_index=0, **opts),
-                             StopController())
+        from tuner.engine.faults import StopController
+        from tuner.engine.worker import Heartbeat, Worker
+        from tuner.study.settings import Flags, resolve
+
+        settings = replace(resolve(Flags(storage=url, device="cpu", worker_index=0)), **opts)
+        self.worker = Worker(settings.storage, name, settings, StopController())
         self.worker.open()
         self.beat = Heartbeat(self.worker.storage, self.worker.interval)
 

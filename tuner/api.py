@@ -61,16 +61,17 @@ def tune(config: str | Path | Mapping[str, Any] | StudyConfig, *,
     accepts them, `num_classes`, `in_channels` and `image_size`), or a reference string; None keeps the
     config's. `data`: `(x_train, y_train, x_test, y_test)` or with a fifth item, the class names
     (uint8 N×H×W×C images, C = 1 or 3; labels 0..K−1), or a dataset spec; None keeps the config's.
-    `storage`: a SQLAlchemy URL (default: the config's, else sqlite:///tuner.db). `n_trials`,
-    `timeout`, `study_name` override the config's. Bad input raises `ConfigError` or `DataError`
-    before anything is written.
+    `storage`: a SQLAlchemy URL (default: env TUNER_STORAGE, with TUNER_STORAGE_PASSWORD_FILE, else
+    the config's, else sqlite:///tuner.db). `n_trials`, `timeout`, `study_name` override the config's.
+    The other settings come from the environment as for `tuner sweep` (TUNER_ARTIFACT_DIR,
+    TUNER_DATA_DIR, TUNER_CHECKPOINT_EVERY, TUNER_DB_RETRY_SECONDS, TUNER_SQLITE_WAL; see
+    tuner/study/settings.py). Bad input raises `ConfigError` or `DataError` before anything is written.
     """
     import optuna
 
     from tuner.engine.sweep import run_sweep
-    from tuner.engine.worker import WorkerOptions
-    from tuner.storage.database import DEFAULT_STORAGE, StorageURL, open_storage
-    from tuner.study.settings import data_dir as resolve_data_dir
+    from tuner.storage.database import open_storage
+    from tuner.study.settings import Flags, resolve
     from tuner.training.models import register_in_process
 
     cfg = load_config(config)
@@ -91,13 +92,12 @@ def tune(config: str | Path | Mapping[str, Any] | StudyConfig, *,
                            "dataset": training.dataset}, file="config")
     cfg = replace(cfg, training=replace(checked.training, image_size=training.image_size),
                   name=study_name or cfg.name)
-    folder = resolve_data_dir(data_dir)
-    check_study_model(cfg, data_dir=folder)
-    url = StorageURL.parse(storage or cfg.storage or DEFAULT_STORAGE)
-    opts = WorkerOptions(device=device, data_dir=str(folder),
-                         handle_signals=threading.current_thread() is threading.main_thread())
-    run_sweep(cfg, storage=url, n_trials=n_trials, timeout=timeout, workers=1, opts=opts)
-    return optuna.load_study(study_name=cfg.name, storage=open_storage(url))
+    # the arguments are the flags: the same precedence as `tuner sweep`'s (settings.resolve)
+    settings = resolve(Flags(storage=storage, data_dir=data_dir, device=device, timeout=timeout), study=cfg)
+    check_study_model(cfg, data_dir=settings.data_dir)
+    run_sweep(cfg, settings, n_trials=n_trials, workers=1,
+              handle_signals=threading.current_thread() is threading.main_thread())
+    return optuna.load_study(study_name=cfg.name, storage=open_storage(settings.storage))
 
 
 def _dataset_spec(data: ArrayData | str) -> str:

@@ -16,7 +16,7 @@ DatasetOpt = Annotated[str | None, typer.Option(
                       "Overrides the file.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where cifar10 and cifar100 are downloaded [env TUNER_DATA_DIR; default ~/.cache/tuner/data].",
-    envvar="TUNER_DATA_DIR")]
+    show_default=False)]
 StorageOpt = Annotated[str | None, typer.Option(
     "--storage", help="SQLAlchemy URL of the study database [env TUNER_STORAGE; default sqlite:///tuner.db].",
     show_default=False)]

@@ -42,8 +42,7 @@ def run_packed(worker: Worker, deadline: float | None) -> bool:
     caller then runs its trials one at a time."""
     from tuner.packing.pack import pack_size
 
-    flag = getattr(worker.opts, "pack", None)
-    setting: int | str = flag if flag is not None else getattr(worker.config, "pack", "auto")
+    setting: int | str = worker.settings.pack or "auto"  # resolved in Worker.open (settings.py)
     data = worker.objective.data
     size, why = pack_size(setting, worker.config.training, data)
     if size <= 1:

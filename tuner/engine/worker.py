@@ -63,28 +63,11 @@ from tuner.engine.gate import Gate
 from tuner.engine.stages import fixed_of, next_stage, over_quota
 from tuner.storage import keys
 from tuner.storage._optuna import trial_id as _trial_id
-from tuner.storage.artifacts import CheckpointPolicy, CheckpointStore, check_keep, cleanup, resume_point
-from tuner.storage.database import DEFAULT_RETRY_SECONDS, Retry, StorageURL, open_storage, require_study
+from tuner.storage.artifacts import CheckpointPolicy, CheckpointStore, cleanup, resume_point
+from tuner.storage.database import Retry, StorageURL, open_storage, require_study
 from tuner.study.config import StudyConfig, config_from_stored
 from tuner.study.registry import build_pruner, build_sampler
-
-
-@dataclass
-class WorkerOptions:
-    """A worker's settings, resolved (settings.py resolves flags and environment at the CLI edge)."""
-
-    device: str = "auto"
-    data_dir: str | None = None  # cifar10's folder; None: settings.data_dir(None)
-    timeout: float | None = None  # seconds; None: the study's `timeout`
-    heartbeat_interval: int | None = None  # None: the study's `heartbeat.interval`
-    worker_index: int | None = None  # seeds the sampler; None: a random offset (standalone workers)
-    artifact_dir: str | None = None  # checkpoint store; None: beside a SQLite file, else ./tuner-artifacts
-    keep_checkpoints: str | None = None  # none | best; None: the study's policy (default none)
-    checkpoint_every: float = 60.0  # seconds; 0: every epoch
-    handle_signals: bool = True  # SIGINT/SIGTERM stop at the next epoch boundary (main thread only)
-    retry_seconds: float = DEFAULT_RETRY_SECONDS  # the bound on retrying one storage step
-    sqlite_wal: bool = True
-    pack: int | str | None = None  # trials per pack (pack.py), or "auto"; None: the study's `training.pack`
+from tuner.study.settings import Settings
 
 
 class Heartbeat:
@@ -140,7 +123,7 @@ class Lease:
 class Worker:
     url: StorageURL
     study_name: str
-    opts: WorkerOptions
+    settings: Settings  # resolved (settings.resolve); completed from the stored study in open()
     stop: StopController
     on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
     objective_class: type | None = None  # objective.Objective, or a subclass (tests inject faults)
@@ -155,31 +138,27 @@ class Worker:
         from tuner.training.data import load_dataset
         from tuner.training.train import resolve_device
 
-        check_keep(self.opts.keep_checkpoints)
         probe = open_storage(self.url, must_exist=True)
         self.study_id = require_study(probe, self.study_name)
         attrs = probe.get_study_user_attrs(self.study_id)
         probe.engine.dispose()
         self.config: StudyConfig = config_from_stored(attrs.get(keys.CONFIG), self.study_name)
-        hb = self.config.heartbeat
-        self.interval = self.opts.heartbeat_interval or hb.interval
-        self.grace = hb.grace_period or 2 * self.interval
-        self.max_retry = hb.max_retry
-        self.keep = self.opts.keep_checkpoints or (attrs.get(keys.CHECKPOINTS) or {}).get("keep") or "none"
-        self.timeout = self.opts.timeout if self.opts.timeout is not None else self.config.timeout
+        s = self.settings = self.settings.with_study(self.config, attrs)
+        self.interval, self.grace, self.max_retry = s.heartbeat_interval, s.grace_period, s.max_retry
+        self.keep, self.timeout = s.keep_checkpoints, s.timeout
         self.storage = open_storage(self.url, heartbeat_interval=self.interval, grace_period=self.grace,
-                                    wal=self.opts.sqlite_wal)
-        self.retry = Retry(self.url.shown, self.opts.retry_seconds)
+                                    wal=s.sqlite_wal)
+        self.retry = Retry(self.url.shown, s.retry_seconds)
         self.gate = Gate(self.url, self.study_id)
         t = self.config.training
         from tuner.training.models import is_reference, resolve_reference
 
         if is_reference(t.model):  # imported the same way as when the file was loaded; failing here: exit 1
             resolve_reference(t.model)
-        device = resolve_device(self.opts.device)
-        data = load_dataset(t.dataset, device, data_dir=self.opts.data_dir, val_fraction=t.val_fraction,
+        device = resolve_device(s.device)
+        data = load_dataset(t.dataset, device, data_dir=s.data_dir, val_fraction=t.val_fraction,
                             image_size=t.image_size)
-        offset = self.opts.worker_index if self.opts.worker_index is not None else \
+        offset = s.worker_index if s.worker_index is not None else \
             random.SystemRandom().randrange(1, 2**20)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -189,9 +168,9 @@ class Worker:
         self.study = optuna.Study(study_name=self.study_name, storage=self.storage, sampler=sampler, pruner=pruner)
         self.token = uuid.uuid4().hex[:12]
         self.env = environment(device, worker=self.token)
-        self.store = CheckpointStore(self.opts.artifact_dir) if self.opts.artifact_dir else None
+        self.store = CheckpointStore(s.artifact_dir)
         self.objective = (self.objective_class or Objective)(self.config, data, retry=self.retry, store=self.store,
-                                   policy=CheckpointPolicy(self.opts.checkpoint_every, self.keep, self.stop))
+                                   policy=CheckpointPolicy(s.checkpoint_every, self.keep, self.stop))
 
     def close(self) -> None:
         for obj in ("objective", "gate"):
@@ -442,17 +421,17 @@ class Worker:
             print(f"warning: checkpoint cleanup in {self.store.base_path}: {exc}", file=sys.stderr)
 
 
-def run_worker(url: str | StorageURL, study_name: str, opts: WorkerOptions,
+def run_worker(settings: Settings, study_name: str,
                on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-               objective_class: type | None = None) -> int:
+               objective_class: type | None = None, *, handle_signals: bool = True) -> int:
     """Join a study and run trials until its budget is used or the timeout passes. Returns the
     number of trials this worker ran. Raises faults.Interrupted after a signal."""
     import signal
 
     stop = StopController()
-    if opts.handle_signals:
+    if handle_signals:
         stop.install()
-    worker = Worker(StorageURL.parse(url), study_name, opts, stop, on_trial, objective_class)
+    worker = Worker(settings.storage, study_name, settings, stop, on_trial, objective_class)
     try:
         worker.open()
         return worker.run()
@@ -467,4 +446,4 @@ def run_worker(url: str | StorageURL, study_name: str, opts: WorkerOptions,
         worker.close()
 
 
-__all__ = ["Lease", "Worker", "WorkerOptions", "run_worker"]
+__all__ = ["Lease", "Worker", "run_worker"]

@@ -97,8 +97,9 @@ class Shape:
 # ---------------------------------------------------------------------------------------------
 
 def default_data_dir() -> Path:
-    """`TUNER_DATA_DIR`, else the per-user cache dir (~/.cache/tuner/data); see settings.py."""
-    from tuner.study.settings import data_dir
+    """For a caller that passes no folder: `TUNER_DATA_DIR`, else the per-user cache dir
+    (~/.cache/tuner/data). Commands, the Python API and workers pass the folder settings.py resolved."""
+    from tuner.study.defaults import data_dir
 
     return data_dir(None).expanduser()
 
