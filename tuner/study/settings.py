@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING, Any
 
 from tuner.errors import ConfigError
 from tuner.storage.database import DEFAULT_RETRY_SECONDS, DEFAULT_STORAGE, StorageURL
-from tuner.study.defaults import data_dir
 
 if TYPE_CHECKING:
     from tuner.study.config import StudyConfig
@@ -131,6 +130,18 @@ def pack(flag: str | int | None) -> int | str | None:
         return parse_pack(flag)
     except ValueError as exc:
         raise ConfigError(str(exc), key="--pack") from None
+
+
+def data_dir(flag: str | Path | None, env: Mapping[str, str] | None = None) -> Path:
+    """The folder cifar10 and cifar100 are downloaded to: flag, env TUNER_DATA_DIR, else
+    `$XDG_CACHE_HOME/tuner/data` or `~/.cache/tuner/data`."""
+    e = _env(env)
+    if flag:
+        return Path(flag)
+    if e.get("TUNER_DATA_DIR"):
+        return Path(e["TUNER_DATA_DIR"])
+    base = e.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tuner" / "data"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,9 +97,10 @@ class Shape:
 # ---------------------------------------------------------------------------------------------
 
 def default_data_dir() -> Path:
-    """For a caller that passes no folder: `TUNER_DATA_DIR`, else the per-user cache dir
-    (~/.cache/tuner/data). Commands, the Python API and workers pass the folder settings.py resolved."""
-    from tuner.study.defaults import data_dir
+    """For a library caller that passes no folder: `TUNER_DATA_DIR`, else the per-user cache dir
+    (~/.cache/tuner/data); see settings.py. Commands, `tuner.tune` and workers pass the folder
+    settings.resolve gave them, so they never come here."""
+    from tuner.study.settings import data_dir
 
     return data_dir(None).expanduser()
 
