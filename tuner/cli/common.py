@@ -14,9 +14,19 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when presen
 DatasetOpt = Annotated[str | None, typer.Option(
     "--dataset", help="cifar10, cifar100, synthetic, synthetic:N, imagefolder:PATH, or a path to an .npz file. "
                       "Overrides the file.")]
+
+
+def _resolved_data_dir(value: Path | None) -> Path:
+    """--data-dir, else TUNER_DATA_DIR, else the per-user cache dir (settings.data_dir): every command
+    hands the data folder on resolved."""
+    from tuner.study.settings import data_dir
+
+    return data_dir(value).expanduser()
+
+
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where cifar10 and cifar100 are downloaded [env TUNER_DATA_DIR; default ~/.cache/tuner/data].",
-    show_default=False)]
+    show_default=False, callback=_resolved_data_dir)]
 StorageOpt = Annotated[str | None, typer.Option(
     "--storage", help="SQLAlchemy URL of the study database [env TUNER_STORAGE; default sqlite:///tuner.db].",
     show_default=False)]

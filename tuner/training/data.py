@@ -96,13 +96,13 @@ class Shape:
 # Sources
 # ---------------------------------------------------------------------------------------------
 
-def default_data_dir() -> Path:
-    """For a library caller that passes no folder: `TUNER_DATA_DIR`, else the per-user cache dir
-    (~/.cache/tuner/data); see settings.py. Commands, `tuner.tune` and workers pass the folder
-    settings.resolve gave them, so they never come here."""
-    from tuner.study.settings import data_dir
-
-    return data_dir(None).expanduser()
+def _folder(spec: str, data_dir: str | Path | None) -> Path:
+    """The folder cifar10 and cifar100 live in: given resolved (settings.py: --data-dir,
+    TUNER_DATA_DIR, the per-user cache dir); commands, `tuner.tune` and workers always pass it."""
+    if not data_dir:
+        raise DataError(f"dataset {spec!r}: no data folder given (pass data_dir, e.g. "
+                        "tuner.study.settings.data_dir(None): --data-dir, TUNER_DATA_DIR or ~/.cache/tuner/data)")
+    return Path(data_dir)
 
 
 def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int | None = None) -> RawDataset:
@@ -113,7 +113,7 @@ def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int |
         raise DataError(f"dataset {spec!r} was passed in-process to tuner.tune() and is not in this process; "
                         "pass the arrays again, or save them as an .npz file")
     if spec in ("cifar10", "cifar100"):
-        folder = Path(data_dir) if data_dir else default_data_dir()
+        folder = _folder(spec, data_dir)
         return load_cifar10(folder) if spec == "cifar10" else load_cifar100(folder)
     if spec.startswith(IMAGEFOLDER):
         return load_imagefolder(Path(spec[len(IMAGEFOLDER):]), image_size or 32)
@@ -126,7 +126,7 @@ def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int |
                 size = -1
             if size < 100:
                 raise DataError(f"dataset {spec!r}: synthetic size must be a whole number >= 100", exit_code=2)
-        return cached_synthetic(size, Path(data_dir) if data_dir else default_data_dir())
+        return cached_synthetic(size, Path(data_dir)) if data_dir else make_synthetic(n_train=size)
     if spec.endswith(".npz") or os.sep in spec or Path(spec).exists():
         return load_npz(Path(spec))
     raise DataError(f"dataset {spec!r}: unknown spec (valid: cifar10, cifar100, synthetic, synthetic:N, "
@@ -455,7 +455,7 @@ def load_dataset(spec: str, device: torch.device | str = "cpu", *, data_dir: str
         where = f"{IMAGEFOLDER}{Path(spec[len(IMAGEFOLDER):]).resolve()}@{image_size or 32}"
     else:
         where = spec
-    folder = str(data_dir or default_data_dir()) if spec in ("cifar10", "cifar100") else None
+    folder = str(_folder(spec, data_dir)) if spec in ("cifar10", "cifar100") else None
     key = (where, folder, str(device), val_fraction)
     if key not in _CACHE:
         _CACHE[key] = to_device(load_raw(spec, data_dir, image_size=image_size), device, val_fraction)
