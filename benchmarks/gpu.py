@@ -349,10 +349,11 @@ def cuda_full_trial(ctx: Context) -> Measurement:
         return Measurement(values={"cuda_trial_seconds": None}, skipped=reason)
     from tuner.errors import DataError
     from tuner.study.params import TrialParams
-    from tuner.training.data import default_data_dir, load_cifar10, load_dataset
+    from tuner.study.settings import data_dir as resolve_data_dir
+    from tuner.training.data import load_cifar10, load_dataset
     from tuner.training.train import train
 
-    data_dir = default_data_dir()
+    data_dir = resolve_data_dir(None).expanduser()
     try:
         load_cifar10(data_dir, download=False)
     except DataError:
@@ -360,7 +361,7 @@ def cuda_full_trial(ctx: Context) -> Measurement:
                            skipped=f"full CIFAR-10 is not in {data_dir} (TUNER_DATA_DIR sets the folder; the "
                                    "benchmark never downloads it)")
     params = TrialParams().with_training(dataset="cifar10")
-    data = load_dataset("cifar10", ctx.device, val_fraction=params.training.val_fraction)
+    data = load_dataset("cifar10", ctx.device, data_dir=data_dir, val_fraction=params.training.val_fraction)
     log(f"cuda_full_trial: one default trial ({params.training.epochs} epochs) on full CIFAR-10")
     torch.cuda.reset_peak_memory_stats(ctx.device)
     result = train(params, data, evaluate_test=True)

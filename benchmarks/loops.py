@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from tuner.study.params import TrialParams
+from tuner.study.params import Augment, TrialParams
 from tuner.training.data import DeviceData, train_batches
 from tuner.training.optim import build_optimizer
 from tuner.training.train import DeviceSettings, device_settings, initial_model, train
@@ -56,7 +56,7 @@ def staged_batches(data: DeviceData, batch_size: int, seed: int = 0) -> list[tup
     """One epoch of the engine's batches (augmented, normalised, channels_last float), materialised
     up front on the device: what an infinitely fast input pipeline would hand the model."""
     gen = torch.Generator(device=data.device).manual_seed(seed)
-    return [(xb, yb.clone()) for xb, yb in train_batches(data, batch_size, gen)]
+    return [(xb, yb.clone()) for xb, yb in train_batches(data, batch_size, gen, Augment())]
 
 
 def engine_epoch_seconds(params: TrialParams, data: DeviceData) -> float:

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from tuner.study.params import Augment
 from tuner.training.data import train_batches
 
 from .conventional import conventional_dataset, conventional_loader
@@ -101,7 +102,7 @@ def _our_pipeline_seconds(data, batch_size: int, gen: torch.Generator, epochs: i
     sync(device)
     t0 = time.perf_counter()
     for _ in range(epochs):
-        for _xb, _yb in train_batches(data, batch_size, gen):
+        for _xb, _yb in train_batches(data, batch_size, gen, Augment()):
             pass
     sync(device)
     return (time.perf_counter() - t0) / epochs

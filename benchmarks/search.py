@@ -16,7 +16,7 @@ file in this process:
                       a warm start to reuse an earlier study)
 
 The training seed is the study's (0) in every run: only the sampler seed changes between seeds
-(`WorkerOptions.worker_index`), so runs differ only by which configs they try and what they prune.
+(`Flags.worker_index`, tuner/study/settings.py), so runs differ only by which configs they try and what they prune.
 
 It prints a table and writes `search-curves.html` (best validation accuracy against cumulative
 epochs trained, the anytime curve, one line per strategy: the mean over seeds, and each seed faint)
@@ -139,8 +139,8 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
 
     from tuner.engine.sweep import run_sweep
     from tuner.engine.warmstart import WarmStart
-    from tuner.engine.worker import WorkerOptions
     from tuner.study.config import parse_study
+    from tuner.study.settings import Flags
 
     name = f"{strategy.replace('+', '-').replace('/', '-')}-s{seed}"
     data = {**base_study(mode, name), **{k: v for k, v in change.items() if k != "warm"}}
@@ -151,9 +151,9 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
     warm = None
     if change.get("warm") and warm_source is not None:
         warm = WarmStart([f"{warm_source[0]}#{warm_source[1]}"], mode.warm_top)
-    opts = WorkerOptions(device="cpu", worker_index=seed, handle_signals=False, checkpoint_every=1e9)
+    flags = Flags(storage=url, device="cpu", worker_index=seed, checkpoint_every=1e9)
     started = time.perf_counter()
-    result = run_sweep(config, storage=url, opts=opts, warm_start=warm)
+    result = run_sweep(config, flags, handle_signals=False, warm_start=warm)
     run = Run(strategy, seed, wall_s=time.perf_counter() - started, study=name, url=url)
     done = sorted((t for t in result.trials if t.datetime_complete is not None), key=lambda t: t.datetime_complete)
     best: float | None = None
@@ -169,13 +169,13 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
 def warm_source_study(mode: Mode, folder: Path) -> tuple[str, str]:
     """A finished study on `synthetic` data, same space: what a user tuned before on other data."""
     from tuner.engine.sweep import run_sweep
-    from tuner.engine.worker import WorkerOptions
     from tuner.study.config import parse_study
+    from tuner.study.settings import Flags
 
     data = {**base_study(mode, "warm-source"), "dataset": "synthetic", "n_trials": mode.trials}
     url = f"sqlite:///{folder / 'warm-source.db'}"
-    run_sweep(parse_study(data, file="warm-source.yaml"), storage=url,
-              opts=WorkerOptions(device="cpu", worker_index=0, handle_signals=False, checkpoint_every=1e9))
+    run_sweep(parse_study(data, file="warm-source.yaml"),
+              Flags(storage=url, device="cpu", worker_index=0, checkpoint_every=1e9), handle_signals=False)
     return url, "warm-source"
 
 

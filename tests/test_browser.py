@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import Flags, run_sweep
 from tuner.insight.compare import load_compare, write_compare
 from tuner.insight.report import render_page, report_sections, write_report
 from tuner.storage.database import open_storage
@@ -84,7 +84,7 @@ def plots(dom: str) -> int:
 def storage_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'b.db'}"
     for cfg in (QUICK, OTHER):
-        run_sweep(parse_study(cfg), storage=url, opts=WorkerOptions(device="cpu"))
+        run_sweep(parse_study(cfg), Flags(storage=url, device="cpu"))
     study = optuna.create_study(storage=url, study_name="failed-only", direction="maximize")
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"error": "RuntimeError: boom"}))
     return url

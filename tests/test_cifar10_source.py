@@ -22,6 +22,7 @@ import pytest
 from torchvision.datasets import CIFAR10
 
 from tuner.errors import DataError
+from tuner.study.settings import Flags, resolve
 from tuner.training.data import CIFAR10_CLASSES, load_cifar10, load_dataset, load_raw, make_synthetic
 
 PER_BATCH, N_TEST = 40, 30
@@ -161,7 +162,7 @@ def test_second_call_uses_the_local_copy(tmp_path: Path, archive: Archive, serve
     # through the spec, the --data-dir argument and TUNER_DATA_DIR
     assert_loaded(load_raw("cifar10", data_dir), archive)
     monkeypatch.setenv("TUNER_DATA_DIR", str(data_dir))
-    assert_loaded(load_raw("cifar10"), archive)
+    assert_loaded(load_raw("cifar10", resolve(Flags()).data_dir), archive)  # the folder arrives resolved
     data = load_dataset("cifar10", data_dir=data_dir)
     assert len(data.y_train) + len(data.y_val) == 5 * PER_BATCH and len(data.y_test) == N_TEST
     assert len(server.requests) == count

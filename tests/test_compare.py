@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, ROOT, cli_main, run_cli
-from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import Flags, run_sweep
 from tuner.insight.compare import (
     build_compare,
     compare_info,
@@ -47,7 +47,7 @@ def two_studies(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Two small real studies with different knob sets, in one storage."""
     url = f"sqlite:///{tmp_path_factory.mktemp('cmp') / 'c.db'}"
     for cfg in (WIDE, NARROW):
-        run_sweep(parse_study(cfg), storage=url, opts=WorkerOptions(device="cpu"))
+        run_sweep(parse_study(cfg), Flags(storage=url, device="cpu"))
     optuna.create_study(storage=url, study_name="empty", direction="maximize")
     return url
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tuner.errors import DataError
+from tuner.study.params import Augment
 from tuner.training.data import (
     CIFAR10_CLASSES,
     SYNTHETIC_CLASSES,
@@ -218,14 +219,14 @@ def test_validation_split(val_fraction: float | None) -> None:
 def test_train_batches_cover_the_epoch() -> None:
     data = load_dataset("synthetic:200")
     n = len(data.y_train)
-    batches = list(train_batches(data, 64, gen(0), augment_images=False))
+    batches = list(train_batches(data, 64, gen(0), augment_images=None))
     sizes = [len(y) for _, y in batches]
     assert sum(sizes) == n and max(sizes) == 64
     labels = torch.cat([y for _, y in batches])
     assert sorted(labels.tolist()) == sorted(data.y_train.tolist())
     assert not torch.equal(labels, data.y_train)  # shuffled
     # a last batch of one image is dropped (batch norm cannot train on it)
-    sizes = [len(y) for _, y in train_batches(data, n - 1, gen(0))]
+    sizes = [len(y) for _, y in train_batches(data, n - 1, gen(0), Augment())]
     assert sizes == [n - 1]
 
 
@@ -247,13 +248,12 @@ def test_flip_off_never_mirrors_and_still_crops() -> None:
 
 
 def test_train_batches_follow_the_augment_setting() -> None:
-    from tuner.study.params import Augment
 
     data = load_dataset("synthetic:200")
-    off = [x for x, _ in train_batches(data, 64, gen(0), augment_images=False)]
+    off = [x for x, _ in train_batches(data, 64, gen(0), augment_images=None)]
     still = [x for x, _ in train_batches(data, 64, gen(0), augment_images=Augment(crop_padding=0, flip=False))]
     assert all(torch.equal(a, b) for a, b in zip(off, still))  # no crop, no flip: only the shuffle
-    default = [x for x, _ in train_batches(data, 64, gen(0), augment_images=True)]
+    default = [x for x, _ in train_batches(data, 64, gen(0), augment_images=Augment())]
     explicit = [x for x, _ in train_batches(data, 64, gen(0), augment_images=Augment(crop_padding=4, flip=True))]
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))  # true is pad 4 and flip at 32 px
     assert not all(torch.equal(a, b) for a, b in zip(default, off))
@@ -402,5 +402,5 @@ def test_augment_is_a_few_ops_per_epoch_whatever_its_size_and_never_syncs() -> N
     assert counts[0] == counts[1] and counts[0] <= 40, counts
     # and a whole epoch of batches: the augmentation plus one normalisation per batch, no syncs
     data = load_dataset("synthetic:2000")
-    ops = _aten_ops(lambda: list(train_batches(data, 512, gen(3))))
+    ops = _aten_ops(lambda: list(train_batches(data, 512, gen(3), Augment())))
     assert not any("local_scalar_dense" in op or op == "aten::item" for op in ops), ops

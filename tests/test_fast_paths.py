@@ -15,12 +15,13 @@ import pytest
 from sweeps import study_file, trials
 
 from conftest import run_cli
-from tuner.engine.sweep import WorkerOptions, prepare_study, run_worker
+from tuner.engine.sweep import Flags, prepare_study
+from tuner.engine.worker import run_worker
 from tuner.errors import ConfigError
 from tuner.storage.artifacts import CheckpointPolicy
 from tuner.storage.artifacts import checkpoint_ids as checkpoint_artifacts
 from tuner.study.config import load_study_file
-from tuner.study.settings import DEFAULT_CHECKPOINT_EVERY, checkpoint_every
+from tuner.study.settings import DEFAULT_CHECKPOINT_EVERY, checkpoint_every, resolve
 
 
 class Stop:
@@ -62,7 +63,7 @@ def _sweep(tmp_path: Path, n_trials: int = 3, **opts) -> tuple[str, Path]:
     config = load_study_file(study_file(tmp_path, n_trials=n_trials, pruner="none", space=space))
     prepare_study(config, url, None, keep_checkpoints=opts.pop("keep", None))
     store = tmp_path / "study.db.artifacts"
-    run_worker(url, "small", WorkerOptions(worker_index=0, handle_signals=False, artifact_dir=str(store), **opts))
+    run_worker(resolve(Flags(storage=url, worker_index=0, artifact_dir=str(store), **opts)), "small", handle_signals=False)
     return url, store
 
 

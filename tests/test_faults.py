@@ -421,16 +421,17 @@ class opened_worker:
     """A real lease manager (tuner.engine.lease) on the study, as a worker opens it, with its heartbeat thread."""
 
     def __init__(self, url: str, name: str, **opts) -> None:
+        from dataclasses import replace
+
         import torch
 
         from tuner.engine.faults import StopController
         from tuner.engine.lease import open_lease_manager
-        from tuner.engine.worker import WorkerOptions, environment
-        from tuner.storage.database import StorageURL
+        from tuner.engine.worker import environment
+        from tuner.study.settings import Flags, resolve
 
-        self.manager = open_lease_manager(StorageURL.parse(url), name,
-                                          WorkerOptions(device="cpu", worker_index=0, **opts), StopController(),
-                                          environment(torch.device("cpu")))
+        settings = replace(resolve(Flags(storage=url, device="cpu", worker_index=0)), **opts)
+        self.manager = open_lease_manager(settings, name, StopController(), environment(torch.device("cpu")))
 
     def __enter__(self):
         return self.manager.__enter__()

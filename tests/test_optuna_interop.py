@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 from sweeps import study_file
 
-from tuner.engine.sweep import WorkerOptions, prepare_study, run_sweep
+from tuner.engine.sweep import Flags, prepare_study, run_sweep
 from tuner.storage import keys
 from tuner.study.config import load_study_file
 
@@ -32,7 +32,7 @@ def url(request, tmp_path) -> str:
 
 def _swept(tmp_path, url: str, n: int = 3) -> list[optuna.trial.FrozenTrial]:
     config = load_study_file(study_file(tmp_path, n_trials=n, epochs=2))
-    run_sweep(config, storage=url, opts=WorkerOptions(device="cpu", worker_index=0, checkpoint_every=0.0))
+    run_sweep(config, Flags(storage=url, device="cpu", worker_index=0, checkpoint_every=0.0))
     return optuna.load_study(study_name="small", storage=url).get_trials()
 
 
@@ -57,7 +57,7 @@ def test_add_trials_and_a_continued_sweep(tmp_path, url):
     other = optuna.load_study(study_name="other", storage=url)
     other.add_trials(ts)  # three finished trials, copied with every attr
     assert len(other.get_trials()) == 3
-    run_sweep(config, storage=url, opts=WorkerOptions(device="cpu", worker_index=0, checkpoint_every=0.0))
+    run_sweep(config, Flags(storage=url, device="cpu", worker_index=0, checkpoint_every=0.0))
     after = optuna.load_study(study_name="other", storage=url).get_trials()
     assert len(after) == 5 and all(t.state.is_finished() for t in after)  # the added trials count
 
@@ -82,7 +82,7 @@ def test_optunas_retry_failed_trial_callback_on_a_tuner_database(tmp_path, url):
     assert copy.state == TrialState.WAITING and copy.system_attrs["retry_history"] == [0]
     storage.engine.dispose()
     # a tuner sweep runs Optuna's retry copy first (its params are fixed), then fills the budget
-    run_sweep(config, storage=url, opts=WorkerOptions(device="cpu", worker_index=0, checkpoint_every=0.0))
+    run_sweep(config, Flags(storage=url, device="cpu", worker_index=0, checkpoint_every=0.0))
     ts = optuna.load_study(study_name="small", storage=url).get_trials()
     assert ts[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert ts[1].params["lr"] == pytest.approx(crashed.params["lr"])

@@ -14,7 +14,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, cli_main, run_cli
-from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import Flags, run_sweep
 from tuner.insight.report import (
     CONTOUR_PAIRS,
     MIN_CONTOUR_POINTS,
@@ -67,7 +67,7 @@ TINY = {
 def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, StudyData]:
     """A small real study: 10 trials of the tiny model, some pruned, maybe some diverged."""
     url = f"sqlite:///{tmp_path_factory.mktemp('real') / 'r.db'}"
-    run_sweep(parse_study(TINY), storage=url, opts=WorkerOptions(device="cpu"))
+    run_sweep(parse_study(TINY), Flags(storage=url, device="cpu"))
     return url, load_study_data(open_storage(url), "tiny", url)
 
 

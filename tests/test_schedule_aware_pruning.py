@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 from sweeps import study_file, trials
 
-from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import Flags, run_sweep
 from tuner.errors import ConfigError
 from tuner.storage import keys
 from tuner.study.config import load_study_file, parse_study
@@ -85,7 +85,7 @@ def _sweep(tmp_path, aware: bool):
                               "schedule_aware": aware})
     url = f"sqlite:///{tmp_path / f'{aware}.db'}"
     config = load_study_file(path)
-    result = run_sweep(config, storage=url, opts=WorkerOptions(device="cpu"))
+    result = run_sweep(config, Flags(storage=url, device="cpu"))
     assert sum(result.counts.values()) == 8
     return trials(url, config.name)
 
@@ -116,6 +116,6 @@ def test_no_attr_without_a_warmup_past_the_first_epoch(tmp_path):
     space = {**WARMUP_SPACE, "warmup_fraction": 0.0, "lr": 0.01}
     path = study_file(tmp_path, name="nowarm", epochs=2, n_trials=2, space=space, sampler={"name": "random"})
     url = f"sqlite:///{tmp_path / 'nowarm.db'}"
-    run_sweep(load_study_file(path), storage=url, opts=WorkerOptions(device="cpu"))
+    run_sweep(load_study_file(path), Flags(storage=url, device="cpu"))
     ts = trials(url, "nowarm")
     assert len(ts) == 2 and all(keys.PRUNE_HELD_UNTIL not in t.user_attrs for t in ts)

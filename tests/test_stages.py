@@ -289,7 +289,9 @@ def test_staged_sweep_two_workers_postgres(tmp_path, cli, capsys, pg_url):
 def test_a_crashed_trial_of_the_stage_runs_again_before_the_next_stage(tmp_path, one_thread):
     """A worker finds stage 0 full but one of its trials still RUNNING (its worker died): it waits,
     the trial goes stale, its retry copy runs (with the stage's fixed values), then stage 1 starts."""
-    from tuner.engine.sweep import WorkerOptions, prepare_study, run_worker
+    from tuner.engine.sweep import Flags, prepare_study
+    from tuner.engine.worker import run_worker
+    from tuner.study.settings import resolve
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     stages = [{"name": "lr", "knobs": ["lr"], "trials": 1},
@@ -304,7 +306,7 @@ def test_a_crashed_trial_of_the_stage_runs_again_before_the_next_stage(tmp_path,
         system_attrs={keys.QUEUED: "dead", keys.FIXED_PARAMS: fixed}))
     storage.record_heartbeat(orphan)
     started = dt.datetime.now()
-    ran = run_worker(url, "staged", WorkerOptions(device="cpu", heartbeat_interval=1, handle_signals=False))
+    ran = run_worker(resolve(Flags(storage=url, device="cpu", heartbeat_interval=1)), "staged", handle_signals=False)
     assert ran == 2
     ts = sorted(trials(url, "staged"), key=lambda t: t.number)
     assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

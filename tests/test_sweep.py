@@ -15,11 +15,12 @@ import yaml
 from optuna.trial import TrialState
 from sweeps import assert_clean_finish, states, study_file, trials
 
-from tuner.engine.sweep import WorkerOptions, prepare_study, run_sweep, run_worker
+from tuner.engine.sweep import Flags, prepare_study, run_sweep
+from tuner.engine.worker import run_worker
 from tuner.storage.database import DEFAULT_STORAGE, StorageURL
 from tuner.storage.keys import CONFIG as ATTR_CONFIG
 from tuner.study.config import load_study_file
-from tuner.study.settings import storage_url
+from tuner.study.settings import resolve, storage_url
 from tuner.training.train import SingleEngine
 
 
@@ -92,7 +93,7 @@ def test_invalid_study_file_writes_nothing(tmp_path, cli):
 def test_diverged_trial_is_pruned_and_flagged(tmp_path):
     url = sqlite(tmp_path)
     config = load_study_file(study_file(tmp_path, n_trials=2, space={"lr": 50.0, "optimizer": "adam"}))
-    result = run_sweep(config, storage=url)
+    result = run_sweep(config, Flags(storage=url))
     assert result.counts["PRUNED"] == 2 and result.best is None
     for t in trials(url, "small"):
         assert t.state == TrialState.PRUNED and t.user_attrs["diverged"] is True
@@ -114,7 +115,8 @@ def test_exception_in_a_trial_fails_it_and_the_sweep_goes_on(tmp_path):
                     self.data = real
             return super().add(key, params, resume_from)
 
-    ran = run_worker(url, "small", WorkerOptions(worker_index=0), make_engine=lambda data, m, opts: Flaky(data))
+    ran = run_worker(resolve(Flags(storage=url, worker_index=0)), "small",
+                     make_engine=lambda data, manager, settings: Flaky(data))
     assert ran == 3
     ts = trials(url, "small")
     assert [t.state for t in ts].count(TrialState.FAIL) == 1

@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState, create_trial
 
 from conftest import ONE_THREAD, cli_main, run_cli
-from tuner.engine.sweep import WorkerOptions, run_sweep
+from tuner.engine.sweep import Flags, run_sweep
 from tuner.errors import ConfigError, TunerError
 from tuner.insight.export import choose_best, export_text, write_export
 from tuner.insight.verify import SEED_BASE, read_records, record, run_verify, stats, summary, verify_seeds
@@ -107,7 +107,7 @@ def test_export_reads_per_record_keys_with_legacy_ones(tmp_path: Path) -> None:
 
 def test_verify_real_runs_store_resume_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    run_sweep(parse_study(TINY), storage=url, opts=WorkerOptions(device="cpu"))
+    run_sweep(parse_study(TINY), Flags(storage=url, device="cpu"))
     storage = open_storage(url)
     sid = storage.get_study_id_from_name("v")
     top = sorted((t for t in storage.get_all_trials(sid) if t.state == TrialState.COMPLETE),

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 from sweeps import assert_clean_finish, study_file, trials
 
-from tuner.engine.sweep import WarmStart, WorkerOptions, run_sweep
+from tuner.engine.sweep import Flags, WarmStart, run_sweep
 from tuner.engine.warmstart import map_config
 from tuner.storage import keys
 from tuner.study.config import load_study_file
@@ -34,7 +34,7 @@ NEW_SPACE = {
 def _source(tmp_path, url: str, n: int = 6) -> list[optuna.trial.FrozenTrial]:
     path = study_file(tmp_path, name="src", epochs=2, n_trials=n, space=SOURCE_SPACE,
                       sampler={"name": "random"}, pruner="none")
-    run_sweep(load_study_file(path), storage=url, opts=WorkerOptions(device="cpu"))
+    run_sweep(load_study_file(path), Flags(storage=url, device="cpu"))
     return trials(url, "src")
 
 
@@ -122,7 +122,7 @@ def test_source_in_another_storage(tmp_path):
     lines: list[str] = []
     path = study_file(tmp_path, name="dst", epochs=2, n_trials=3, space=NEW_SPACE, sampler={"name": "random"},
                       pruner="none")
-    result = run_sweep(load_study_file(path), storage=url, opts=WorkerOptions(device="cpu"),
+    result = run_sweep(load_study_file(path), Flags(storage=url, device="cpu"),
                        warm_start=WarmStart([f"{other}#src"], 2, say=lines.append))
     assert sum(result.counts.values()) == 3
     assert_clean_finish(url, "dst", 3)
@@ -143,7 +143,7 @@ def test_top_is_capped_by_the_budget(tmp_path):
     path = study_file(tmp_path, name="dst", epochs=1, n_trials=2, space=NEW_SPACE, sampler={"name": "random"},
                       pruner="none")
     lines: list[str] = []
-    run_sweep(load_study_file(path), storage=url, opts=WorkerOptions(device="cpu"),
+    run_sweep(load_study_file(path), Flags(storage=url, device="cpu"),
               warm_start=WarmStart(["src"], 4, say=lines.append))
     assert_clean_finish(url, "dst", 2)
     assert all(keys.WARM_START_STUDY in t.user_attrs for t in trials(url, "dst"))

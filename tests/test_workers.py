@@ -140,12 +140,13 @@ def test_cuda_visible_devices_entries():
 
 
 def _children(workers, device, gpus, cpus=8, environ=None, **opts):
-    from tuner.engine.sweep import WorkerOptions, worker_processes
-    from tuner.storage.database import StorageURL
+    from tuner.engine.sweep import worker_processes
+    from tuner.study.settings import Flags, resolve
 
-    url = StorageURL.parse("postgresql+psycopg://tuner:s3cret@db:5432/tuner")
-    return worker_processes(url, "small", workers, WorkerOptions(device=device, worker_index=10, **opts), gpus,
-                            cpus=cpus, environ={"PATH": "/usr/bin"} if environ is None else environ)
+    url = "postgresql+psycopg://tuner:s3cret@db:5432/tuner"
+    settings = resolve(Flags(storage=url, device=device, worker_index=10, **opts), {})
+    return worker_processes(settings, "small", workers, gpus, cpus=cpus,
+                            environ={"PATH": "/usr/bin"} if environ is None else environ)
 
 
 def _device(argv):

@@ -21,13 +21,19 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import optuna
+
+from tuner.engine.sweep import run_sweep
 from tuner.errors import ConfigError
+from tuner.files import atomic_write
+from tuner.insight.export import choose_best_of, text_for
+from tuner.storage.database import open_storage
 from tuner.study.config import StudyConfig, check_study_model, load_study_file, parse_study
-
-if TYPE_CHECKING:
-    import optuna
+from tuner.study.settings import Flags, resolve
+from tuner.training.models import register_in_process
 
 __all__ = ["export_best", "load_config", "tune"]
 
@@ -61,18 +67,12 @@ def tune(config: str | Path | Mapping[str, Any] | StudyConfig, *,
     accepts them, `num_classes`, `in_channels` and `image_size`), or a reference string; None keeps the
     config's. `data`: `(x_train, y_train, x_test, y_test)` or with a fifth item, the class names
     (uint8 N×H×W×C images, C = 1 or 3; labels 0..K−1), or a dataset spec; None keeps the config's.
-    `storage`: a SQLAlchemy URL (default: the config's, else sqlite:///tuner.db). `n_trials`,
-    `timeout`, `study_name` override the config's. Bad input raises `ConfigError` or `DataError`
-    before anything is written.
+    `storage`: a SQLAlchemy URL (default: env TUNER_STORAGE, with TUNER_STORAGE_PASSWORD_FILE, else
+    the config's, else sqlite:///tuner.db). `n_trials`, `timeout`, `study_name` override the config's.
+    The other settings come from the environment as for `tuner sweep` (TUNER_ARTIFACT_DIR,
+    TUNER_DATA_DIR, TUNER_CHECKPOINT_EVERY, TUNER_DB_RETRY_SECONDS, TUNER_SQLITE_WAL; see
+    tuner/study/settings.py). Bad input raises `ConfigError` or `DataError` before anything is written.
     """
-    import optuna
-
-    from tuner.engine.sweep import run_sweep
-    from tuner.engine.worker import WorkerOptions
-    from tuner.storage.database import DEFAULT_STORAGE, StorageURL, open_storage
-    from tuner.study.settings import data_dir as resolve_data_dir
-    from tuner.training.models import register_in_process
-
     cfg = load_config(config)
     training = cfg.training
     if model is not None:
@@ -91,27 +91,24 @@ def tune(config: str | Path | Mapping[str, Any] | StudyConfig, *,
                            "dataset": training.dataset}, file="config")
     cfg = replace(cfg, training=replace(checked.training, image_size=training.image_size),
                   name=study_name or cfg.name)
-    folder = resolve_data_dir(data_dir)
-    check_study_model(cfg, data_dir=folder)
-    url = StorageURL.parse(storage or cfg.storage or DEFAULT_STORAGE)
-    opts = WorkerOptions(device=device, data_dir=str(folder),
-                         handle_signals=threading.current_thread() is threading.main_thread())
-    run_sweep(cfg, storage=url, n_trials=n_trials, timeout=timeout, workers=1, opts=opts)
-    return optuna.load_study(study_name=cfg.name, storage=open_storage(url))
+    # the arguments are the flags: the same precedence as `tuner sweep`'s (settings.resolve)
+    settings = resolve(Flags(storage=storage, data_dir=data_dir, device=device, timeout=timeout), study=cfg)
+    check_study_model(cfg, data_dir=settings.data_dir)
+    run_sweep(cfg, settings, n_trials=n_trials, workers=1,
+              handle_signals=threading.current_thread() is threading.main_thread())
+    return optuna.load_study(study_name=cfg.name, storage=open_storage(settings.storage))
 
 
 def _dataset_spec(data: ArrayData | str) -> str:
     """A dataset spec for `data`: a spec string as it is, arrays registered under a content-hash name
     (the same arrays give the same name, so a notebook cell run again continues the same study)."""
-    from tuner.training.data import IN_PROCESS, is_registered, register_arrays
+    from tuner.training.data import IN_PROCESS, is_registered, register_arrays  # torch: only for arrays
 
     if isinstance(data, (str, Path)):
         return str(data)
     if not isinstance(data, Sequence) or len(data) not in (4, 5):
         raise ConfigError("must be (x_train, y_train, x_test, y_test) or with a fifth item, the class names",
                           key="data")
-    import numpy as np
-
     arrays = [np.asarray(a) for a in data]
     digest = hashlib.sha1()
     for a in arrays:
@@ -127,9 +124,6 @@ def export_best(study: optuna.Study, path: str | Path | None = None) -> str:
     """The best trial of `study` as a params file (what `tuner export` writes and `tuner train` reads;
     a model reference is kept in `training.model` and `training.model_options`). With `path`, the file
     is also written there, atomically. Returns the text."""
-    from tuner.files import atomic_write
-    from tuner.insight.export import choose_best_of, text_for
-
     text = text_for(*choose_best_of(study.get_trials(deepcopy=False), study.user_attrs, study.study_name))
     if path is not None:
         atomic_write(Path(path), text)

@@ -14,9 +14,19 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when presen
 DatasetOpt = Annotated[str | None, typer.Option(
     "--dataset", help="cifar10, cifar100, synthetic, synthetic:N, imagefolder:PATH, or a path to an .npz file. "
                       "Overrides the file.")]
+
+
+def _resolved_data_dir(value: Path | None) -> Path:
+    """--data-dir, else TUNER_DATA_DIR, else the per-user cache dir (settings.data_dir): every command
+    hands the data folder on resolved."""
+    from tuner.study.settings import data_dir  # optuna (the storage URL's module): not before the version check
+
+    return data_dir(value).expanduser()
+
+
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where cifar10 and cifar100 are downloaded [env TUNER_DATA_DIR; default ~/.cache/tuner/data].",
-    envvar="TUNER_DATA_DIR")]
+    show_default=False, callback=_resolved_data_dir)]
 StorageOpt = Annotated[str | None, typer.Option(
     "--storage", help="SQLAlchemy URL of the study database [env TUNER_STORAGE; default sqlite:///tuner.db].",
     show_default=False)]
@@ -37,7 +47,12 @@ def say(message: str) -> None:
 
 def progress_bar(*, transient: bool = False):  # noqa: ANN201 - rich.progress.Progress, imported lazily
     """The one Rich progress bar tuner shows on a terminal: description, bar, done/total, elapsed."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (  # rich's progress bars: ~20 ms, only while something runs on a terminal
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+    )
 
     return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=transient)
@@ -46,7 +61,7 @@ def progress_bar(*, transient: bool = False):  # noqa: ANN201 - rich.progress.Pr
 def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     """A table on stdout: a Rich table on a terminal, aligned plain columns otherwise."""
     if interactive():
-        from rich.table import Table
+        from rich.table import Table  # rich's tables: only for output on a terminal
 
         shown = Table(title=title)
         for h in headers:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from optuna.trial import FrozenTrial, TrialState
@@ -21,20 +22,19 @@ from tuner.cli.common import (
     progress_bar,
     say,
 )
+from tuner.engine.stages import check_flags
+from tuner.engine.sweep import SweepResult, prepare_study, run_sweep, run_worker_processes, visible_gpus, worker_gpus
+from tuner.engine.warmstart import WarmStart, check_top, parse_sources
 from tuner.errors import ConfigError
 from tuner.storage import keys
-from tuner.storage.artifacts import check_keep
 from tuner.study import settings
 from tuner.study.config import check_study_model, load_study_file
-
-if TYPE_CHECKING:
-    from tuner.engine.sweep import SweepResult
 
 HeartbeatOpt = Annotated[int | None, typer.Option(
     "--heartbeat-interval", help="Seconds between trial heartbeats [default: study file, else 60].")]
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="Stop taking new trials after S seconds.")]
 ArtifactDirOpt = Annotated[Path | None, typer.Option(
-    "--artifact-dir", envvar="TUNER_ARTIFACT_DIR", show_default=False,
+    "--artifact-dir", show_default=False,
     help="Checkpoint artifact store [env TUNER_ARTIFACT_DIR; default: <db>.artifacts beside a SQLite "
          "database, else ./tuner-artifacts].")]
 KeepOpt = Annotated[str | None, typer.Option(
@@ -42,7 +42,7 @@ KeepOpt = Annotated[str | None, typer.Option(
                                "trial's) [default: the study's policy, else none].")]
 
 EveryOpt = Annotated[float | None, typer.Option(
-    "--checkpoint-every", envvar="TUNER_CHECKPOINT_EVERY", show_default=False, metavar="SECONDS",
+    "--checkpoint-every", show_default=False, metavar="SECONDS",
     help="Checkpoint a running trial at the first epoch boundary after S seconds of training (0: after "
          "every epoch); a crash loses at most that much of a trial [env TUNER_CHECKPOINT_EVERY; default: 60].")]
 PackOpt = Annotated[str | None, typer.Option(
@@ -162,7 +162,7 @@ def _count_text(result: SweepResult) -> str:
 def print_summary(result: SweepResult) -> None:
     best = result.best
     if interactive():
-        from rich.table import Table
+        from rich.table import Table  # rich's tables: only for a summary on a terminal
 
         table = Table(title=f"study {result.study_name}", show_header=False)
         table.add_row("storage", result.storage)
@@ -216,38 +216,30 @@ def sweep_command(
 
     Ctrl-C (SIGINT) or SIGTERM stops at the next epoch boundary and queues the running trial to
     resume from its checkpoint on the next run (exit 130 / 143); a second signal aborts."""
-    from dataclasses import replace
-
-    for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--heartbeat-interval", heartbeat_interval),
-                        ("--workers-per-gpu", workers_per_gpu)):
+    for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--workers-per-gpu", workers_per_gpu)):
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
-    if timeout is not None and timeout <= 0:
-        raise ConfigError(f"must be > 0, got {timeout}", key="--timeout")
-    from tuner.engine.warmstart import WarmStart, check_top, parse_sources
-
+    flags = settings.Flags(storage=storage, data_dir=data_dir, artifact_dir=artifact_dir,
+                           checkpoint_every=checkpoint_every, device=device, timeout=timeout,
+                           heartbeat_interval=heartbeat_interval, keep_checkpoints=keep_checkpoints, pack=pack)
+    edge = settings.resolve(flags)  # flags and environment checked (exit 2) before the file is read
     check_top(warm_top)
     warm = None
     if warm_start is not None:
         parse_sources(warm_start)  # the syntax, before anything is read
         warm = WarmStart([warm_start], warm_top, say=say)
-    check_keep(keep_checkpoints)
-    every = settings.checkpoint_every(checkpoint_every)
-    per_pack = settings.pack(pack)
     if create_only:
         # (--data-dir and --checkpoint-every also come from the environment, so they are not refused)
         _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto",
-                             pack=per_pack is not None)
+                             pack=edge.given.pack is not None)
     config = load_study_file(study_file, check_model=False)
     if dataset:
         config = replace(config, training=replace(config.training, dataset=dataset))
-    check_study_model(config, data_dir=settings.data_dir(data_dir))  # a model reference, on the data's shape
     if study_name:
         config = replace(config, name=study_name)
-    from tuner.engine.stages import check_flags
-
+    resolved = settings.resolve(flags, study=config)  # the study file's storage, timeout, heartbeat, pack
+    check_study_model(config, data_dir=resolved.data_dir)  # a model reference, on the data's shape
     check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm)  # a staged study: exit 2 here
-    env = settings.Settings.resolve(storage, config.storage)
     name = config.name
     if create_only:
         # what applies to workers that join later is stored with the study: its timeout and heartbeat
@@ -257,15 +249,11 @@ def sweep_command(
             hb = config.heartbeat
             grace = hb.grace_period if hb.grace_period and hb.grace_period >= heartbeat_interval else None
             config = replace(config, heartbeat=replace(hb, interval=heartbeat_interval, grace_period=grace))
-        from tuner.engine.sweep import prepare_study
-
-        rdb = prepare_study(config, env.storage, n_trials, keep_checkpoints=keep_checkpoints, warm_start=warm)
+        rdb = prepare_study(config, resolved.storage, n_trials, keep_checkpoints=keep_checkpoints, warm_start=warm)
         total = rdb.get_study_user_attrs(rdb.get_study_id_from_name(name)).get(keys.N_TRIALS)
-        say(f"study {name} ready in {env.storage.shown}: {total or 'unlimited'} trials of {config.training.model} on "
-            f"{config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
+        say(f"study {name} ready in {resolved.storage.shown}: {total or 'unlimited'} trials of {config.training.model} "
+            f"on {config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
         return
-    from tuner.engine.sweep import WorkerOptions, run_sweep
-
     if workers_per_gpu:
         gpus = _worker_gpus(device)
         if gpus:
@@ -277,15 +265,9 @@ def sweep_command(
     say(f"sweep {name}: {n_trials or config.n_trials or 'unlimited'} trials of {config.training.model} on "
         f"{config.training.dataset}, {config.training.epochs} epochs each; sampler {config.sampler.name}, "
         f"pruner {config.pruner.name}, {workers} worker{'s' if workers > 1 else ''}")
-    opts = WorkerOptions(device=device, data_dir=str(settings.data_dir(data_dir)),
-                         heartbeat_interval=heartbeat_interval,
-                         artifact_dir=str(settings.artifact_dir(artifact_dir, env.storage)),
-                         keep_checkpoints=keep_checkpoints, checkpoint_every=every,
-                         retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal, pack=per_pack)
     with SweepProgress(None) as progress:
-        result = run_sweep(config, storage=env.storage, n_trials=n_trials, timeout=timeout, workers=workers,
-                           opts=opts, on_trial=progress.trial, on_poll=progress.poll,
-                           on_start=progress.begin, warm_start=warm)
+        result = run_sweep(config, resolved, n_trials=n_trials, workers=workers, on_trial=progress.trial,
+                           on_poll=progress.poll, on_start=progress.begin, warm_start=warm)
     print_summary(result)
 
 
@@ -299,8 +281,6 @@ WorkersPerGpuOpt = Annotated[int | None, typer.Option(
 def _worker_gpus(device: str) -> list[str]:
     """The visible GPUs local worker processes would run on under `--device` (ConfigError, exit 2,
     for a `cuda:N` that is not visible)."""
-    from tuner.engine.sweep import visible_gpus, worker_gpus
-
     return worker_gpus(device, visible_gpus() if device != "cpu" else [])
 
 
@@ -334,38 +314,31 @@ def worker_command(
 
     With --workers-per-gpu K, start K worker processes per visible GPU, each pinned to its GPU.
     SIGINT/SIGTERM stop at the next epoch boundary (exit 130 / 143); a second signal aborts."""
-    from tuner.engine.worker import WorkerOptions, run_worker
+    from tuner.engine.worker import run_worker  # torch: only when this process trains
 
-    check_keep(keep_checkpoints)
-    every = settings.checkpoint_every(checkpoint_every)
-    per_pack = settings.pack(pack)
-    for flag, value in (("--heartbeat-interval", heartbeat_interval), ("--workers-per-gpu", workers_per_gpu)):
-        if value is not None and value < 1:
-            raise ConfigError(f"must be >= 1, got {value}", key=flag)
-    if timeout is not None and timeout <= 0:
-        raise ConfigError(f"must be > 0, got {timeout}", key="--timeout")
-    env = settings.Settings.resolve(storage)
-    opts = WorkerOptions(device=device, data_dir=str(settings.data_dir(data_dir)), timeout=timeout,
-                         heartbeat_interval=heartbeat_interval, worker_index=worker_index,
-                         artifact_dir=str(settings.artifact_dir(artifact_dir, env.storage)),
-                         keep_checkpoints=keep_checkpoints, checkpoint_every=every,
-                         retry_seconds=env.retry_seconds, sqlite_wal=env.sqlite_wal, pack=per_pack)
+    if workers_per_gpu is not None and workers_per_gpu < 1:
+        raise ConfigError(f"must be >= 1, got {workers_per_gpu}", key="--workers-per-gpu")
+    # a local worker process of `tuner sweep --workers N`: its parent's settings, resolved (child_env)
+    resolved = settings.inherited() or settings.resolve(settings.Flags(
+        storage=storage, data_dir=data_dir, artifact_dir=artifact_dir, checkpoint_every=checkpoint_every,
+        device=device, timeout=timeout, heartbeat_interval=heartbeat_interval, keep_checkpoints=keep_checkpoints,
+        pack=pack, worker_index=worker_index))
+    if debug or settings.debug_env():
+        err_console.print(f"worker settings: {resolved.describe()}", highlight=False, markup=False, soft_wrap=True)
     progress = SweepProgress(None, quiet=quiet, bar=False)  # workers print plain lines
     if workers_per_gpu:
         gpus = _worker_gpus(device)
         if gpus:
-            from tuner.engine.sweep import run_worker_processes
-
             workers = workers_per_gpu * len(gpus)
             if not quiet:
                 say(f"worker: {workers} processes on {len(gpus)} GPU{'s' if len(gpus) > 1 else ''} "
                     f"({workers_per_gpu} per GPU), study {study_name}")
-            result = run_worker_processes(env.storage, study_name, workers, opts, on_poll=progress.poll,
+            result = run_worker_processes(resolved, study_name, workers, on_poll=progress.poll,
                                           on_start=progress.begin)
             if not quiet:
                 print_summary(result)
             return
         err_console.print("note: --workers-per-gpu ignored: no GPU visible")
-    ran = run_worker(env.storage, study_name, opts, on_trial=progress.trial)
+    ran = run_worker(resolved, study_name, on_trial=progress.trial)
     if not quiet:
         say(f"worker done: {ran} trials")

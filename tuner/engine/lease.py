@@ -66,10 +66,11 @@ from tuner.engine.gate import Gate
 from tuner.engine.stages import fixed_of, next_stage, over_quota
 from tuner.storage import keys
 from tuner.storage._optuna import trial_id as _trial_id
-from tuner.storage.artifacts import CheckpointStore, check_keep, cleanup, resume_point
-from tuner.storage.database import Retry, StorageURL, open_storage, require_study
+from tuner.storage.artifacts import CheckpointStore, cleanup, resume_point
+from tuner.storage.database import Retry, open_storage, require_study
 from tuner.study.config import StudyConfig, config_from_stored
 from tuner.study.registry import build_pruner, build_sampler
+from tuner.study.settings import Settings
 
 OnTrial = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -127,27 +128,24 @@ class LeaseManager:
     """One worker's side of the study database: leases trials under the budget gate, tells them,
     waits for stragglers, cleans up checkpoints. Built complete by `open_lease_manager`."""
 
-    def __init__(self, *, study_name: str, study_id: int, config: StudyConfig, storage: Any, retry: Retry,
-                 gate: Gate, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
-                 store: CheckpointStore | None, keep: str, interval: int, grace: int, max_retry: int | None,
-                 env: dict[str, str], stop: StopController, on_trial: OnTrial | None) -> None:
+    def __init__(self, *, study_name: str, study_id: int, config: StudyConfig, settings: Settings, storage: Any,
+                 retry: Retry, gate: Gate, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
+                 store: CheckpointStore | None, env: dict[str, str], stop: StopController,
+                 on_trial: OnTrial | None) -> None:
         self.study_name = study_name
         self.study_id = study_id
         self.config = config
+        self.settings = settings  # complete: flags, environment, the stored study
         self.storage = storage
         self.retry = retry
         self.gate = gate
         self.study = study
         self.sampler = sampler  # the base sampler; a staged trial runs with PartialFixedSampler around it
         self.store = store
-        self.keep = keep
-        self.interval = interval
-        self.grace = grace
-        self.max_retry = max_retry
         self.env = env
         self.stop = stop
         self.on_trial = on_trial
-        self.heartbeat = Heartbeat(storage, interval)
+        self.heartbeat = Heartbeat(storage, settings.heartbeat_interval)
         self.told = 0  # trials this worker ran to their tell
         self.stale_checked = float("-inf")  # time.monotonic() of the last fail_stale_trials in a lease
 
@@ -183,7 +181,7 @@ class LeaseManager:
             return self.retry(self._lease, recover=self.gate.reacquire)
 
     def _lease(self) -> Lease | None:
-        if time.monotonic() - self.stale_checked >= self.interval:
+        if time.monotonic() - self.stale_checked >= self.settings.heartbeat_interval:
             # a trial goes stale only after the grace period (>= one heartbeat interval), so a check per
             # interval finds it at most one interval late; one per lease was a query per trial
             optuna.storages.fail_stale_trials(self.study)
@@ -251,6 +249,7 @@ class LeaseManager:
         changed = False
         seen: dict[str, int] = {}
         now = datetime.now()
+        grace = timedelta(seconds=self.settings.grace_period)
         gone = keys.superseded(trials)
         for t in sorted(trials, key=lambda t: t.number):
             token = t.system_attrs.get(keys.QUEUED)
@@ -261,14 +260,14 @@ class LeaseManager:
                     continue
                 seen.setdefault(token, t.number)
             if (t.state == TrialState.RUNNING and token is not None and keys.ENV not in t.user_attrs
-                    and t.datetime_start is not None and now - t.datetime_start > timedelta(seconds=self.grace)):
+                    and t.datetime_start is not None and now - t.datetime_start > grace):
                 # popped, then its worker died before the first heartbeat
                 self._fail(t)
                 changed = True
         if changed:
             trials = self.trials()
         for t in trials:
-            if t.number not in gone and keys.needs_retry(t, self.max_retry):
+            if t.number not in gone and keys.needs_retry(t, self.settings.max_retry):
                 self.study.add_trial(keys.retry_template(t))
                 changed = True
         return self.trials() if changed else trials
@@ -361,47 +360,43 @@ class LeaseManager:
                 return self.has_room(live)
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            self.stop.event.wait(min(float(self.interval), 2.0))
+            self.stop.event.wait(min(float(self.settings.heartbeat_interval), 2.0))
         return False
 
     def cleanup(self) -> None:
         if self.store is None:
             return
         try:
-            cleanup(self.store, self.trials(), self.keep, self.max_retry)
+            cleanup(self.store, self.trials(), self.settings.keep_checkpoints, self.settings.max_retry)
         except OSError as exc:
             print(f"warning: checkpoint cleanup in {self.store.base_path}: {exc}", file=sys.stderr)
 
 
-def open_lease_manager(url: StorageURL, study_name: str, opts: Any, stop: StopController, env: dict[str, str],
+def open_lease_manager(settings: Settings, study_name: str, stop: StopController, env: dict[str, str],
                        on_trial: OnTrial | None = None) -> LeaseManager:
-    """A complete lease manager for `study_name`: its stored config, a heartbeat storage, the gate,
-    the sampler (seeded by the worker's index) and pruner, the checkpoint store. Enter it (`with`)
-    to start the heartbeat thread."""
-    check_keep(opts.keep_checkpoints)
+    """A complete lease manager for `study_name`: its stored config, the settings completed from it
+    (`Settings.with_study`), a heartbeat storage, the gate, the sampler (seeded by the worker's index)
+    and pruner, the checkpoint store. Enter it (`with`) to start the heartbeat thread."""
+    url = settings.storage
     probe = open_storage(url, must_exist=True)
     study_id = require_study(probe, study_name)
     attrs = probe.get_study_user_attrs(study_id)
     probe.engine.dispose()
     config = config_from_stored(attrs.get(keys.CONFIG), study_name)
-    hb = config.heartbeat
-    interval = opts.heartbeat_interval or hb.interval
-    grace = hb.grace_period or 2 * interval
-    keep = opts.keep_checkpoints or (attrs.get(keys.CHECKPOINTS) or {}).get("keep") or "none"
-    storage = open_storage(url, heartbeat_interval=interval, grace_period=grace, wal=opts.sqlite_wal)
+    s = settings.with_study(config, attrs)
+    storage = open_storage(url, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
+                           wal=s.sqlite_wal)
     t = config.training
-    offset = opts.worker_index if opts.worker_index is not None else random.SystemRandom().randrange(1, 2**20)
+    offset = s.worker_index if s.worker_index is not None else random.SystemRandom().randrange(1, 2**20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = build_sampler(config.sampler.name, config.sampler.options, t.seed + offset)
     pruner = build_pruner(config.pruner.name, config.pruner.options, t.epochs)
     study = optuna.Study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
     return LeaseManager(
-        study_name=study_name, study_id=study_id, config=config, storage=storage,
-        retry=Retry(url.shown, opts.retry_seconds), gate=Gate(url, study_id), study=study, sampler=sampler,
-        store=CheckpointStore(opts.artifact_dir) if opts.artifact_dir else None, keep=keep, interval=interval,
-        grace=grace, max_retry=hb.max_retry, env=env, stop=stop,
-        on_trial=on_trial)
+        study_name=study_name, study_id=study_id, config=config, settings=s, storage=storage,
+        retry=Retry(url.shown, s.retry_seconds), gate=Gate(url, study_id), study=study, sampler=sampler,
+        store=CheckpointStore(s.artifact_dir), env=env, stop=stop, on_trial=on_trial)
 
 
 __all__ = ["Heartbeat", "Lease", "LeaseManager", "open_lease_manager"]

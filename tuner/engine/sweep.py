@@ -8,6 +8,7 @@ count twice: the copy counts, the trial it replaces does not.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -26,17 +27,17 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.engine.faults import Interrupted
-from tuner.engine.warmstart import WarmStart
-from tuner.engine.worker import WorkerOptions, run_worker
+from tuner.engine.stages import check_flags
+from tuner.engine.warmstart import WarmStart, enqueue, load_sources
 from tuner.errors import ConfigError, TunerError
 from tuner.storage import keys
 from tuner.storage.database import Retry, StorageURL, open_storage, require_study
 from tuner.study.config import StudyConfig, config_from_stored
-from tuner.study.settings import child_env, visible_gpus_env
+from tuner.study.settings import Flags, Settings, child_env, resolve, visible_gpus_env
 
-__all__ = ["Launch", "SweepResult", "WarmStart", "WorkerOptions", "assign_gpus", "parse_nvidia_smi", "parse_visible",
-           "plan_workers", "prepare_study", "run_sweep", "run_worker", "run_worker_processes", "stored_config",
-           "summarize", "visible_gpus", "worker_gpus", "worker_processes"]
+__all__ = ["Flags", "Launch", "Settings", "SweepResult", "WarmStart", "assign_gpus", "parse_nvidia_smi",
+           "parse_visible", "plan_workers", "prepare_study", "run_sweep", "run_worker_processes",
+           "stored_config", "summarize", "visible_gpus", "worker_gpus", "worker_processes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,15 +60,11 @@ def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | No
 
     A staged study (`stages:`) refuses `n_trials` other than its stages' sum and a warm start
     (stages.check_flags), before anything is written."""
-    from tuner.engine.stages import check_flags
-
     check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm_start)
     target = StorageURL.parse(url)
     picks = None
     if warm_start is not None:
-        from tuner.engine.warmstart import load_sources
-
-        picks = load_sources(warm_start, target)  # read-only, before anything is written
+            picks = load_sources(warm_start, target)  # read-only, before anything is written
     storage = open_storage(target)
     try:
         sid: int | None = storage.get_study_id_from_name(config.name)
@@ -114,8 +111,6 @@ def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | No
 
 def _warm_start(storage: Any, sid: int, config: StudyConfig, budget: int | None, ws: WarmStart,
                 picks: list[Any]) -> None:
-    from tuner.engine.warmstart import enqueue
-
     enqueue(storage, sid, picks, config.space, budget, ws.labels, ws.say)  # also completes an interrupted one
 
 
@@ -139,28 +134,25 @@ class SweepResult:
     trials: list[FrozenTrial] = field(default_factory=list)
 
 
-def run_sweep(config: StudyConfig, *, storage: str | StorageURL | None = None, study_name: str | None = None,
-              n_trials: int | None = None, timeout: float | None = None, workers: int = 1,
-              opts: WorkerOptions | None = None,
+def run_sweep(config: StudyConfig, settings: Settings | Flags | None = None, *, study_name: str | None = None,
+              n_trials: int | None = None, workers: int = 1, handle_signals: bool = True,
               on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
               on_poll: Callable[[list[FrozenTrial]], None] | None = None,
               on_start: Callable[[list[FrozenTrial], int | None], None] | None = None,
               warm_start: WarmStart | None = None) -> SweepResult:
-    """Run a sweep: in this process with one worker, or as `workers` local processes.
-    `storage` is the resolved URL (settings.storage_url); None means the study file's, else the
-    default. `on_start(trials, budget)` sees the study's trials and trial budget before any worker
-    starts (a continued study's progress starts from them)."""
-    from tuner.storage.database import DEFAULT_STORAGE
-    from tuner.study.settings import artifact_dir
-
-    opts = opts or WorkerOptions()
+    """Run a sweep: in this process with one worker, or as `workers` local processes (which get
+    `settings` as they are, settings.child_env). `settings`: resolved (settings.resolve with this
+    study's config), or the `Flags` to resolve here against this process's environment and `config`.
+    `on_start(trials, budget)` sees the study's trials and trial budget before any worker starts (a
+    continued study's progress starts from them)."""
     if study_name:
         config = replace(config, name=study_name)
-    url = StorageURL.parse(storage or config.storage or DEFAULT_STORAGE)
-    opts = replace(opts, timeout=timeout if timeout is not None else config.timeout,
-                   artifact_dir=str(artifact_dir(opts.artifact_dir, url, env={})))
+    if not isinstance(settings, Settings):
+        settings = resolve(settings, study=config)
+    url = settings.storage
     started = time.time()
-    rdb = prepare_study(config, url, n_trials, keep_checkpoints=opts.keep_checkpoints, warm_start=warm_start)
+    rdb = prepare_study(config, url, n_trials, keep_checkpoints=settings.given.keep_checkpoints,
+                        warm_start=warm_start)
     sid = require_study(rdb, config.name)
     before = rdb.get_all_trials(sid, deepcopy=False)
     if on_start is not None:
@@ -168,12 +160,14 @@ def run_sweep(config: StudyConfig, *, storage: str | StorageURL | None = None, s
     # Sampler seeds: study seed + worker index, offset by the trials already there, so a fresh
     # study is reproducible and a continued one does not re-sample its first points.
     base = len(before)
+    seeded = replace(settings, worker_index=base + (settings.worker_index or 0))
     if workers <= 1:
-        ran = run_worker(url, config.name, replace(opts, worker_index=base + (opts.worker_index or 0)),
-                         on_trial=on_trial)
+        from tuner.engine.worker import run_worker  # torch: not for a supervisor of worker processes
+
+        ran = run_worker(seeded, config.name, on_trial=on_trial, handle_signals=handle_signals)
     else:
-        ran = _run_processes(url, config.name, workers, replace(opts, worker_index=base), rdb, on_poll)
-    retry = Retry(url.shown, opts.retry_seconds)
+        ran = _run_processes(seeded, config.name, workers, rdb, on_poll, handle_signals)
+    retry = Retry(url.shown, settings.retry_seconds)
     result = retry(lambda: summarize(rdb, config.name, url, time.time() - started, ran))
     _publish(rdb, config.name, result.trials)  # the trials just read: not read again
     return result
@@ -182,7 +176,7 @@ def run_sweep(config: StudyConfig, *, storage: str | StorageURL | None = None, s
 def _publish(storage: Any, name: str, trials: list[FrozenTrial] | None = None) -> None:
     """The dashboard's metric name, study note and tuner's panels (best effort)."""
     try:
-        from tuner.insight.dashboard import publish
+        from tuner.insight.dashboard import publish  # optuna-dashboard: only once a sweep has finished
     except ImportError:
         return
     try:
@@ -191,40 +185,40 @@ def _publish(storage: Any, name: str, trials: list[FrozenTrial] | None = None) -
         print(f"warning: dashboard panels not written: {exc}", file=sys.stderr)
 
 
-def run_worker_processes(url: str | StorageURL, name: str, workers: int, opts: WorkerOptions, *,
+def run_worker_processes(settings: Settings, name: str, workers: int, *, handle_signals: bool = True,
                          on_poll: Callable[[list[FrozenTrial]], None] | None = None,
                          on_start: Callable[[list[FrozenTrial], int | None], None] | None = None) -> SweepResult:
     """`tuner worker --workers-per-gpu K`: `workers` local `tuner worker` processes on an existing
     study, pinned to GPUs as `plan_workers` says, until its budget is used; then the study's summary.
     The study must exist (exit 2 otherwise: no process is started)."""
-    target = StorageURL.parse(url)
+    target = settings.storage
     started = time.time()
     rdb = open_storage(target, must_exist=True)
     sid = require_study(rdb, name)
-    retry = Retry(target.shown, opts.retry_seconds)
+    retry = Retry(target.shown, settings.retry_seconds)
     if on_start is not None:
         before = retry(lambda: rdb.get_all_trials(sid, deepcopy=False))
         on_start(before, retry(lambda: rdb.get_study_user_attrs(sid)).get(keys.N_TRIALS))
-    if opts.worker_index is None:
+    if settings.worker_index is None:
         # Sampler seeds: the same random base for this machine's processes (+0, +1, ...), so that
         # machines running this command on one study do not all sample the same points.
-        opts = replace(opts, worker_index=random.SystemRandom().randrange(1, 2**20))
-    ran = _run_processes(target, name, workers, opts, rdb, on_poll)
+        settings = replace(settings, worker_index=random.SystemRandom().randrange(1, 2**20))
+    ran = _run_processes(settings, name, workers, rdb, on_poll, handle_signals)
     result = retry(lambda: summarize(rdb, name, target, time.time() - started, ran))
     _publish(rdb, name, result.trials)
     return result
 
 
-def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions, rdb: Any,
-                   on_poll: Callable[[list[FrozenTrial]], None] | None) -> int:
-    """N `tuner worker` processes; the URL goes by environment, never on a command line (ps).
+def _run_processes(settings: Settings, name: str, workers: int, rdb: Any,
+                   on_poll: Callable[[list[FrozenTrial]], None] | None, handle_signals: bool) -> int:
+    """N `tuner worker` processes, given `settings` by environment (with the URL: never on a command
+    line, ps).
 
     Workers run in their own session, so a terminal's Ctrl-C reaches only this process, which
     forwards SIGINT/SIGTERM to them: once for a graceful stop, again to abort."""
-    import os
-
-    gpus = visible_gpus() if opts.device != "cpu" else []
-    launches = worker_processes(url, name, workers, opts, gpus, cpus=os.cpu_count() or 1)
+    url = settings.storage
+    gpus = visible_gpus() if settings.device != "cpu" else []
+    launches = worker_processes(settings, name, workers, gpus, cpus=os.cpu_count() or 1)
     procs: list[subprocess.Popen] = []
     got: list[int] = []
     lock = threading.Lock()
@@ -243,7 +237,7 @@ def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions
                         pass
 
     old = {}
-    if opts.handle_signals and threading.current_thread() is threading.main_thread():
+    if handle_signals and threading.current_thread() is threading.main_thread():
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for env, cmd in launches:
@@ -252,7 +246,7 @@ def _run_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions
             with lock:
                 procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         sid = require_study(rdb, name)
-        retry = Retry(url.shown, opts.retry_seconds)  # the workers ride out a restart; so does the poll
+        retry = Retry(url.shown, settings.retry_seconds)  # the workers ride out a restart; so does the poll
         while any(p.poll() is None for p in procs):
             if on_poll is not None:
                 on_poll(retry(lambda: rdb.get_all_trials(sid, deepcopy=False)))
@@ -330,31 +324,21 @@ def plan_workers(workers: int, device: str, gpus: list[str], cpus: int) -> list[
     return [Launch(gpu, threads, device) for gpu in assign_gpus(workers, chosen)]
 
 
-def worker_processes(url: StorageURL, name: str, workers: int, opts: WorkerOptions, gpus: list[str], *,
-                     cpus: int, environ: Mapping[str, str] | None = None) -> list[tuple[dict[str, str], list[str]]]:
-    """The (environment, argv) of each local `tuner worker` process. `environ` is the environment they
-    start from (None: this process's). The storage URL goes in the environment, never in argv (ps)."""
-    from pathlib import Path
-
+def worker_processes(settings: Settings, name: str, workers: int, gpus: list[str], *, cpus: int,
+                     environ: Mapping[str, str] | None = None) -> list[tuple[dict[str, str], list[str]]]:
+    """The (environment, argv) of each local `tuner worker` process. Each gets `settings`, resolved, in
+    its environment (settings.child_env), with its own device and sampler seed (`worker_index` + i),
+    which its argv also shows; `environ` is the environment they start from (None: this process's).
+    The storage URL goes in the environment, never in argv (ps)."""
     out = []
-    for i, launch in enumerate(plan_workers(workers, opts.device, gpus, cpus)):
+    for i, launch in enumerate(plan_workers(workers, settings.device, gpus, cpus)):
+        index = (settings.worker_index or 0) + i
+        mine = replace(settings, device=launch.device, worker_index=index,
+                       artifact_dir=settings.artifact_dir.resolve(), data_dir=settings.data_dir.resolve())
         # CPU workers share the cores: oversubscribed OpenMP threads spin and run ~10x slower
-        env = child_env(url, gpu=launch.gpu, threads=launch.threads, env=environ)
+        env = child_env(mine, gpu=launch.gpu, threads=launch.threads, env=environ)
         cmd = [sys.executable, "-m", "tuner", "worker", "--study-name", name, "--device", launch.device,
-               "--worker-index", str((opts.worker_index or 0) + i), "--quiet",
-               "--checkpoint-every", repr(float(opts.checkpoint_every))]
-        if opts.data_dir:
-            cmd += ["--data-dir", str(opts.data_dir)]
-        if opts.timeout:
-            cmd += ["--timeout", str(opts.timeout)]
-        if opts.heartbeat_interval:
-            cmd += ["--heartbeat-interval", str(opts.heartbeat_interval)]
-        if opts.artifact_dir:
-            cmd += ["--artifact-dir", str(Path(opts.artifact_dir).resolve())]
-        if opts.keep_checkpoints:
-            cmd += ["--keep-checkpoints", opts.keep_checkpoints]
-        if opts.pack is not None:
-            cmd += ["--pack", str(opts.pack)]
+               "--worker-index", str(index), "--quiet"]
         out.append((env, cmd))
     return out
 
@@ -417,7 +401,7 @@ def visible_gpus() -> list[str]:
         if devices:
             return devices
     try:
-        import torch
+        import torch  # only to count GPUs when nvidia-smi cannot: the supervisor trains nothing
 
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001

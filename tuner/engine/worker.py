@@ -25,7 +25,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,31 +38,12 @@ from tuner.errors import StorageError
 from tuner.packing.runtime import Pack
 from tuner.packing.sizing import pack_size
 from tuner.storage.artifacts import CheckpointPolicy
-from tuner.storage.database import DEFAULT_RETRY_SECONDS, StorageURL
+from tuner.study.settings import Settings
 from tuner.training.data import DeviceData, load_dataset
 from tuner.training.models import is_reference, resolve_reference
 from tuner.training.train import EpochEngine, SingleEngine, resolve_device
 
-
-@dataclass
-class WorkerOptions:
-    """A worker's settings, resolved (settings.py resolves flags and environment at the CLI edge)."""
-
-    device: str = "auto"
-    data_dir: str | None = None  # cifar10's folder; None: settings.data_dir(None)
-    timeout: float | None = None  # seconds; None: the study's `timeout`
-    heartbeat_interval: int | None = None  # None: the study's `heartbeat.interval`
-    worker_index: int | None = None  # seeds the sampler; None: a random offset (standalone workers)
-    artifact_dir: str | None = None  # checkpoint store; None: beside a SQLite file, else ./tuner-artifacts
-    keep_checkpoints: str | None = None  # none | best; None: the study's policy (default none)
-    checkpoint_every: float = 60.0  # seconds; 0: every epoch
-    handle_signals: bool = True  # SIGINT/SIGTERM stop at the next epoch boundary (main thread only)
-    retry_seconds: float = DEFAULT_RETRY_SECONDS  # the bound on retrying one storage step
-    sqlite_wal: bool = True
-    pack: int | str | None = None  # trials per pack (tuner.packing), or "auto"; None: the study's `training.pack`
-
-
-EngineFactory = Callable[[DeviceData, LeaseManager, WorkerOptions], EpochEngine]
+EngineFactory = Callable[[DeviceData, LeaseManager, Settings], EpochEngine]
 
 
 def environment(device: Any, worker: str | None = None) -> dict[str, str]:
@@ -76,11 +56,11 @@ def environment(device: Any, worker: str | None = None) -> dict[str, str]:
     return env
 
 
-def make_engine(data: DeviceData, manager: LeaseManager, opts: WorkerOptions) -> EpochEngine:
-    """A Pack of K trials when the pack setting (the flag, else the study's `training.pack`, else
-    auto) gives K > 1; else the one-trial engine."""
+def make_engine(data: DeviceData, manager: LeaseManager, settings: Settings) -> EpochEngine:
+    """A Pack of K trials when the resolved pack setting (the flag, else the study's `training.pack`,
+    else auto) gives K > 1; else the one-trial engine."""
     config = manager.config
-    setting = opts.pack if opts.pack is not None else config.pack
+    setting = settings.pack
     size, why = pack_size(setting, config.training, data)
     if size > 1:
         print(f"note: {why} (trials trained at once by this worker)", file=sys.stderr, flush=True)
@@ -140,30 +120,32 @@ def run_trials(ctx: RunContext, engine: EpochEngine, deadline: float | None) -> 
             runner.release()
 
 
-def run_worker(url: str | StorageURL, study_name: str, opts: WorkerOptions, on_trial: OnTrial | None = None,
-               make_engine: EngineFactory = make_engine) -> int:
+def run_worker(settings: Settings, study_name: str, on_trial: OnTrial | None = None, *,
+               make_engine: EngineFactory = make_engine, handle_signals: bool = True) -> int:
     """Join a study and run trials until its budget is used or the timeout passes. Returns the
-    number of trials this worker ran to their tell. Raises faults.Interrupted after a signal."""
+    number of trials this worker ran to their tell. Raises faults.Interrupted after a signal.
+    `settings` (settings.resolve) is completed from the stored study here (`with_study`)."""
     began = time.monotonic()
     stop = StopController()
     tmp = Path(tempfile.mkdtemp(prefix="tuner-ckpt-"))
     try:
-        device = resolve_device(opts.device)
+        device = resolve_device(settings.device)
         env = environment(device, worker=uuid.uuid4().hex[:12])
-        with open_lease_manager(StorageURL.parse(url), study_name, opts, stop, env, on_trial) as manager:
+        with open_lease_manager(settings, study_name, stop, env, on_trial) as manager:
+            settings = manager.settings
             t = manager.config.training
             if is_reference(t.model):  # imported the same way as when the file was loaded; failing here: exit 1
                 resolve_reference(t.model)
-            data = load_dataset(t.dataset, device, data_dir=opts.data_dir, val_fraction=t.val_fraction,
+            data = load_dataset(t.dataset, device, data_dir=settings.data_dir, val_fraction=t.val_fraction,
                                 image_size=t.image_size)
-            timeout = opts.timeout if opts.timeout is not None else manager.config.timeout
-            deadline = began + timeout if timeout else None
-            ctx = RunContext(manager, data, CheckpointPolicy(opts.checkpoint_every, manager.keep, stop), tmp)
-            if opts.handle_signals:  # from here a signal stops at an epoch boundary; before, it aborts at once
+            deadline = began + settings.timeout if settings.timeout else None
+            ctx = RunContext(manager, data, CheckpointPolicy(settings.checkpoint_every, settings.keep_checkpoints,
+                                                             stop), tmp)
+            if handle_signals:  # from here a signal stops at an epoch boundary; before, it aborts at once
                 stop.install()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                run_trials(ctx, make_engine(data, manager, opts), deadline)
+                run_trials(ctx, make_engine(data, manager, settings), deadline)
             manager.cleanup()
             stop.raise_if_stopped()
             return manager.told
@@ -178,4 +160,4 @@ def run_worker(url: str | StorageURL, study_name: str, opts: WorkerOptions, on_t
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["WorkerOptions", "environment", "make_engine", "run_trials", "run_worker"]
+__all__ = ["environment", "make_engine", "run_trials", "run_worker"]

@@ -311,7 +311,7 @@ class Pack:
         batch_size = self.training.batch_size
 
         # each slot's own epoch: its shuffle, crops and flips from its own generator
-        drawn = [epoch_images(data, s.generator, s.params.training.augment) for s in slots]
+        drawn = [epoch_images(data, s.generator, s.params.training.augmentation) for s in slots]
         x_all = torch.stack([x.permute(0, 2, 3, 1) for x, _ in drawn], dim=3)  # N × H × W × K × C
         n, h, w = x_all.shape[:3]
         x_all = x_all.reshape(n, h, w, k * data.in_channels)

@@ -26,13 +26,15 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tuner.errors import DataError
-from tuner.study.params import Augment
+
+if TYPE_CHECKING:  # the setting's type only: the study layer's params import nothing of training at run time
+    from tuner.study.params import Augment
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNTHETIC_CLASSES = tuple(f"{p}-{f}" for f in ("low", "high")
@@ -99,11 +101,13 @@ class Shape:
 # Sources
 # ---------------------------------------------------------------------------------------------
 
-def default_data_dir() -> Path:
-    """`TUNER_DATA_DIR`, else the per-user cache dir (~/.cache/tuner/data); see settings.py."""
-    from tuner.study.settings import data_dir
-
-    return data_dir(None).expanduser()
+def _folder(spec: str, data_dir: str | Path | None) -> Path:
+    """The folder cifar10 and cifar100 live in: given resolved (settings.py: --data-dir,
+    TUNER_DATA_DIR, the per-user cache dir); commands, `tuner.tune` and workers always pass it."""
+    if not data_dir:
+        raise DataError(f"dataset {spec!r}: no data folder given (pass data_dir, e.g. "
+                        "tuner.study.settings.data_dir(None): --data-dir, TUNER_DATA_DIR or ~/.cache/tuner/data)")
+    return Path(data_dir)
 
 
 def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int | None = None) -> RawDataset:
@@ -114,7 +118,7 @@ def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int |
         raise DataError(f"dataset {spec!r} was passed in-process to tuner.tune() and is not in this process; "
                         "pass the arrays again, or save them as an .npz file")
     if spec in ("cifar10", "cifar100"):
-        folder = Path(data_dir) if data_dir else default_data_dir()
+        folder = _folder(spec, data_dir)
         return load_cifar10(folder) if spec == "cifar10" else load_cifar100(folder)
     if spec.startswith(IMAGEFOLDER):
         return load_imagefolder(Path(spec[len(IMAGEFOLDER):]), image_size or 32)
@@ -127,7 +131,7 @@ def load_raw(spec: str, data_dir: str | Path | None = None, *, image_size: int |
                 size = -1
             if size < 100:
                 raise DataError(f"dataset {spec!r}: synthetic size must be a whole number >= 100", exit_code=2)
-        return cached_synthetic(size, Path(data_dir) if data_dir else default_data_dir())
+        return cached_synthetic(size, Path(data_dir)) if data_dir else make_synthetic(n_train=size)
     if spec.endswith(".npz") or os.sep in spec or Path(spec).exists():
         return load_npz(Path(spec))
     raise DataError(f"dataset {spec!r}: unknown spec (valid: cifar10, cifar100, synthetic, synthetic:N, "
@@ -451,7 +455,7 @@ def load_dataset(spec: str, device: torch.device | str = "cpu", *, data_dir: str
         where = f"{IMAGEFOLDER}{Path(spec[len(IMAGEFOLDER):]).resolve()}@{image_size or 32}"
     else:
         where = spec
-    folder = str(data_dir or default_data_dir()) if spec in ("cifar10", "cifar100") else None
+    folder = str(_folder(spec, data_dir)) if spec in ("cifar10", "cifar100") else None
     key = (where, folder, str(device), val_fraction)
     if key not in _CACHE:
         _CACHE[key] = to_device(load_raw(spec, data_dir, image_size=image_size), device, val_fraction)
@@ -534,11 +538,10 @@ def _crop_source(data: DeviceData, pad: int = 4, flip: bool = True) -> torch.Ten
     return _SOURCES[key][1]
 
 
-def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
-                  augment_images: bool | Augment = True,
+def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator, augment_images: Augment | None,
                   drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented, normalised training batches. `augment_images` is True (crop
-    with padding 4 at 32 px, scaled with the image size, and flip), False, or an `Augment` setting.
+    """One epoch of shuffled, augmented, normalised training batches. `augment_images` is the
+    trial's `TrainingParams.augmentation` (crop padding and flip), or None for none.
     A batch of one is dropped (batch norm cannot train on it); with `drop_last` (static shapes for
     torch.compile) the last partial batch is dropped whenever there is a full one (its images come
     first in another epoch's shuffle). `epoch_images` and `batch_spans` are its two halves (trial
@@ -549,14 +552,14 @@ def train_batches(data: DeviceData, batch_size: int, generator: torch.Generator,
 
 
 def epoch_images(data: DeviceData, generator: torch.Generator,
-                 augment_images: bool | Augment = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 augment_images: Augment | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch's shuffled (and augmented) uint8 training images, N×C×H×W (a channels_last view
     when augmented), and their labels: all of the epoch's draws from `generator`, in the order
     `train_batches` makes them."""
     total = len(data.y_train)
     perm = torch.randperm(total, generator=generator, device=generator.device).to(data.device)
     y = data.y_train[perm]
-    setting = Augment() if augment_images is True else (augment_images or None)
+    setting = augment_images
     if setting is not None:
         pad = setting.padding(min(data.x_train.shape[2:]))
         x = augment(data.x_train, generator, pad=pad, index=perm, source=_crop_source(data, pad, setting.flip),

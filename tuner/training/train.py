@@ -454,7 +454,7 @@ class SingleEngine:
         lr = params.optimizer.lr
         n_steps = 0
         diverged: dict[str, Any] | None = None
-        batches = train_batches(data, t.batch_size, tr.generator, t.augment, drop_last=settings.static_shapes)
+        batches = train_batches(data, t.batch_size, tr.generator, t.augmentation, drop_last=settings.static_shapes)
         for i, (xb, yb) in enumerate(batches):
             lr = tr.schedule.apply(optimizer, step, params.optimizer.lr)
             with autocast(device, settings):
