@@ -212,7 +212,7 @@ def test_worker_completes_by_the_same_rule(row: Row) -> None:
 
 def _capture_run_sweep(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     import tuner.api as api
-    import tuner.cli.sweep as cli_sweep
+    import tuner.engine.sweep as engine_sweep
     from tuner.engine.sweep import SweepResult
 
     seen: list[Any] = []
@@ -221,7 +221,7 @@ def _capture_run_sweep(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         seen.append(settings)
         return SweepResult(config.name, settings.storage.shown, 0.0, {}, None, 0)
 
-    for caller in (cli_sweep, api):  # where `tuner sweep` and `tuner.tune` call it
+    for caller in (engine_sweep, api):  # where `tuner sweep` finds it when it runs, and `tuner.tune`
         monkeypatch.setattr(caller, "run_sweep", fake)
     return seen
 

@@ -21,7 +21,6 @@ from tuner.cli.common import (
 )
 from tuner.errors import ConfigError
 from tuner.insight.export import choose_best
-from tuner.insight.verify import Run, run_verify
 from tuner.storage.database import open_storage
 from tuner.study.settings import Settings
 
@@ -88,6 +87,8 @@ def verify_command(
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
     if seeds < 1:
         raise ConfigError(f"must be >= 1, got {seeds}", key="--seeds")
+    from tuner.insight import verify  # retraining (statistics, params checks): only for `tuner verify`
+
     rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
     bar = None
     task = None
@@ -101,7 +102,7 @@ def verify_command(
             bar.__enter__()
             task = bar.add_task("runs", total=todo)
 
-    def on_run(r: Run) -> None:
+    def on_run(r: verify.Run) -> None:
         line = (f"run {r.index}/{r.total}  trial {r.trial:>3}  seed {r.seed}  "
                 + ("DIVERGED (counts as 0)" if r.diverged else f"val_acc {r.value:.4f}")
                 + (f"  test_acc {r.test_value:.4f}" if r.test_value is not None else "") + f"  {r.seconds:.1f}s")
@@ -112,7 +113,7 @@ def verify_command(
             say(line)
 
     try:
-        result = run_verify(rdb, name, top=top, n_seeds=seeds, device=device,
+        result = verify.run_verify(rdb, name, top=top, n_seeds=seeds, device=device,
                             data_dir=str(data_dir) if data_dir else None, on_run=on_run, on_start=on_start)
     finally:
         if bar is not None:

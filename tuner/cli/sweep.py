@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.cli import app
+from tuner.cli.app import app
 from tuner.cli.common import (
     DataDirOpt,
     DatasetOpt,
@@ -22,13 +22,13 @@ from tuner.cli.common import (
     progress_bar,
     say,
 )
-from tuner.engine.stages import check_flags
-from tuner.engine.sweep import SweepResult, prepare_study, run_sweep, run_worker_processes, visible_gpus, worker_gpus
-from tuner.engine.warmstart import WarmStart, check_top, parse_sources
 from tuner.errors import ConfigError
 from tuner.storage import keys
 from tuner.study import settings
 from tuner.study.config import check_study_model, load_study_file
+
+if TYPE_CHECKING:
+    from tuner.engine.sweep import SweepResult
 
 HeartbeatOpt = Annotated[int | None, typer.Option(
     "--heartbeat-interval", help="Seconds between trial heartbeats [default: study file, else 60].")]
@@ -216,6 +216,8 @@ def sweep_command(
 
     Ctrl-C (SIGINT) or SIGTERM stops at the next epoch boundary and queues the running trial to
     resume from its checkpoint on the next run (exit 130 / 143); a second signal aborts."""
+    from tuner.engine import stages, sweep, warmstart  # the engine: only when a sweep runs (a fast --help)
+
     for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--workers-per-gpu", workers_per_gpu)):
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
@@ -223,11 +225,11 @@ def sweep_command(
                            checkpoint_every=checkpoint_every, device=device, timeout=timeout,
                            heartbeat_interval=heartbeat_interval, keep_checkpoints=keep_checkpoints, pack=pack)
     edge = settings.resolve(flags)  # flags and environment checked (exit 2) before the file is read
-    check_top(warm_top)
+    warmstart.check_top(warm_top)
     warm = None
     if warm_start is not None:
-        parse_sources(warm_start)  # the syntax, before anything is read
-        warm = WarmStart([warm_start], warm_top, say=say)
+        warmstart.parse_sources(warm_start)  # the syntax, before anything is read
+        warm = warmstart.WarmStart([warm_start], warm_top, say=say)
     if create_only:
         # (--data-dir and --checkpoint-every also come from the environment, so they are not refused)
         _refuse_worker_flags(workers=workers != 1, workers_per_gpu=workers_per_gpu, device=device != "auto",
@@ -239,7 +241,7 @@ def sweep_command(
         config = replace(config, name=study_name)
     resolved = settings.resolve(flags, study=config)  # the study file's storage, timeout, heartbeat, pack
     check_study_model(config, data_dir=resolved.data_dir)  # a model reference, on the data's shape
-    check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm)  # a staged study: exit 2 here
+    stages.check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm)  # a staged study: exit 2 here
     name = config.name
     if create_only:
         # what applies to workers that join later is stored with the study: its timeout and heartbeat
@@ -249,7 +251,8 @@ def sweep_command(
             hb = config.heartbeat
             grace = hb.grace_period if hb.grace_period and hb.grace_period >= heartbeat_interval else None
             config = replace(config, heartbeat=replace(hb, interval=heartbeat_interval, grace_period=grace))
-        rdb = prepare_study(config, resolved.storage, n_trials, keep_checkpoints=keep_checkpoints, warm_start=warm)
+        rdb = sweep.prepare_study(config, resolved.storage, n_trials, keep_checkpoints=keep_checkpoints,
+                                  warm_start=warm)
         total = rdb.get_study_user_attrs(rdb.get_study_id_from_name(name)).get(keys.N_TRIALS)
         say(f"study {name} ready in {resolved.storage.shown}: {total or 'unlimited'} trials of {config.training.model} "
             f"on {config.training.dataset}; run `tuner worker --study-name {name}` on any machine that reaches it")
@@ -266,7 +269,7 @@ def sweep_command(
         f"{config.training.dataset}, {config.training.epochs} epochs each; sampler {config.sampler.name}, "
         f"pruner {config.pruner.name}, {workers} worker{'s' if workers > 1 else ''}")
     with SweepProgress(None) as progress:
-        result = run_sweep(config, resolved, n_trials=n_trials, workers=workers, on_trial=progress.trial,
+        result = sweep.run_sweep(config, resolved, n_trials=n_trials, workers=workers, on_trial=progress.trial,
                            on_poll=progress.poll, on_start=progress.begin, warm_start=warm)
     print_summary(result)
 
@@ -281,6 +284,8 @@ WorkersPerGpuOpt = Annotated[int | None, typer.Option(
 def _worker_gpus(device: str) -> list[str]:
     """The visible GPUs local worker processes would run on under `--device` (ConfigError, exit 2,
     for a `cuda:N` that is not visible)."""
+    from tuner.engine.sweep import visible_gpus, worker_gpus  # the engine: only when a sweep runs (a fast --help)
+
     return worker_gpus(device, visible_gpus() if device != "cpu" else [])
 
 
@@ -314,6 +319,7 @@ def worker_command(
 
     With --workers-per-gpu K, start K worker processes per visible GPU, each pinned to its GPU.
     SIGINT/SIGTERM stop at the next epoch boundary (exit 130 / 143); a second signal aborts."""
+    from tuner.engine.sweep import run_worker_processes  # the engine: only when a sweep runs (a fast --help)
     from tuner.engine.worker import run_worker  # torch: only when this process trains
 
     if workers_per_gpu is not None and workers_per_gpu < 1:
