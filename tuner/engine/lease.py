@@ -130,7 +130,7 @@ class LeaseManager:
 
     def __init__(self, *, study_name: str, study_id: int, config: StudyConfig, settings: Settings, storage: Any,
                  retry: Retry, gate: Gate, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
-                 store: CheckpointStore | None, env: dict[str, str], stop: StopController,
+                 store: CheckpointStore, env: dict[str, str], stop: StopController,
                  on_trial: OnTrial | None) -> None:
         self.study_name = study_name
         self.study_id = study_id
@@ -303,7 +303,7 @@ class LeaseManager:
         if told.state != outcome.state:
             self.taken_over(trial)
             return
-        if outcome.checkpoint is not None and self.store is not None:
+        if outcome.checkpoint is not None:
             self.store.remove(outcome.checkpoint)
         self.told += 1
         self.finished(trial, told)
@@ -364,8 +364,6 @@ class LeaseManager:
         return False
 
     def cleanup(self) -> None:
-        if self.store is None:
-            return
         try:
             cleanup(self.store, self.trials(), self.settings.keep_checkpoints, self.settings.max_retry)
         except OSError as exc:

@@ -171,7 +171,7 @@ class TrialRunner:
     def _download(self, params: TrialParams) -> tuple[Path, dict[str, Any]] | None:
         """The predecessor's checkpoint, fetched and checked; None (with a warning) when unusable."""
         store, resume = self.manager.store, self.lease.resume
-        if resume is None or store is None:
+        if resume is None:
             return None
         pred, ck = resume
         path = self.ctx.tmp / f"resume-{self.number}.pt"
@@ -215,7 +215,7 @@ class TrialRunner:
     def checkpoint(self, epoch: int, force: bool = False) -> None:
         """The trial's checkpoint into the store when the policy says so (or `force`: a stop signal)."""
         store, policy = self.manager.store, self.ctx.policy
-        if store is None or self.saved_epoch == epoch or self.params is None:
+        if self.saved_epoch == epoch or self.params is None:
             return
         if not force and not policy.due(epoch, self.params.training.epochs, self.saved_at):
             return
