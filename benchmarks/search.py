@@ -46,10 +46,9 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +117,11 @@ def strategies(mode: Mode) -> dict[str, dict[str, Any]]:
         "qmc+median": {"sampler": {"name": "qmc"}},
         "staged": {"stages": stages_for(mode.trials)},
         "warm": {"warm": True},
+        # Optuna's SuccessiveHalvingPruner (asynchronous successive halving) and HyperbandPruner as
+        # tuner builds them from the study file (tuner.study.registry: min_resource 1, Optuna's reduction factors)
+        "tpe+asha": {"pruner": {"name": "successive_halving"}},
+        "random+asha": {"sampler": {"name": "random"}, "pruner": {"name": "successive_halving"}},
+        "tpe+hyperband": {"pruner": {"name": "hyperband"}},
     }
 
 
@@ -133,8 +137,22 @@ class Run:
     url: str = ""
 
 
+def run_file(folder: Path, name: str) -> Path:
+    return folder / "runs" / f"{name}.json"
+
+
+def load_run(folder: Path, name: str) -> Run | None:
+    """A run kept by an earlier invocation with the same --out (--reuse), or None."""
+    path = run_file(folder, name)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    data["curve"] = [tuple(p) for p in data["curve"]]
+    return Run(**data)
+
+
 def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder: Path,
-            warm_source: tuple[str, str] | None) -> Run:
+            warm_source: tuple[str, str] | None, reuse: bool = False) -> Run:
     from optuna.trial import TrialState
 
     from tuner.engine.sweep import run_sweep
@@ -143,10 +161,15 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
     from tuner.study.settings import Flags
 
     name = f"{strategy.replace('+', '-').replace('/', '-')}-s{seed}"
+    if reuse and (kept := load_run(folder, name)) is not None:
+        log(f"  reusing {run_file(folder, name)}")
+        return kept
     data = {**base_study(mode, name), **{k: v for k, v in change.items() if k != "warm"}}
     if "stages" in data:
         data.pop("n_trials")
     config = parse_study(data, file=f"{name}.yaml")
+    for stale in folder.glob(f"{name}.db*"):  # an interrupted earlier attempt: start afresh
+        stale.unlink()
     url = f"sqlite:///{folder / (name + '.db')}"
     warm = None
     if change.get("warm") and warm_source is not None:
@@ -163,10 +186,12 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
             best = t.value if best is None else max(best, t.value)
         run.curve.append((run.epochs, best))
     run.best = best
+    run_file(folder, name).parent.mkdir(parents=True, exist_ok=True)
+    run_file(folder, name).write_text(json.dumps(asdict(run)))
     return run
 
 
-def warm_source_study(mode: Mode, folder: Path) -> tuple[str, str]:
+def warm_source_study(mode: Mode, folder: Path, reuse: bool = False) -> tuple[str, str]:
     """A finished study on `synthetic` data, same space: what a user tuned before on other data."""
     from tuner.engine.sweep import run_sweep
     from tuner.study.config import parse_study
@@ -174,6 +199,8 @@ def warm_source_study(mode: Mode, folder: Path) -> tuple[str, str]:
 
     data = {**base_study(mode, "warm-source"), "dataset": "synthetic", "n_trials": mode.trials}
     url = f"sqlite:///{folder / 'warm-source.db'}"
+    if reuse and (folder / "warm-source.db").is_file():
+        return url, "warm-source"
     run_sweep(parse_study(data, file="warm-source.yaml"),
               Flags(storage=url, device="cpu", worker_index=0, checkpoint_every=1e9), handle_signals=False)
     return url, "warm-source"
@@ -307,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated strategies")
     ap.add_argument("--dataset", default=None,
                     help=f"an .npz in the subset's layout, or synthetic (default: the real CIFAR-10 subset, {SUBSET})")
-    ap.add_argument("--out", default="search-results", help="folder for search-curves.html and search-table.md")
+    ap.add_argument("--out", default="search-results",
+                    help="folder for search-curves.html, search-table.md, and each run's study (studies/) "
+                         "and curve (runs/)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the runs an earlier invocation kept in --out (same mode and dataset): only "
+                         "missing runs train")
     args = ap.parse_args(argv)
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = modes(args.dataset or str(SUBSET))[mode_name]
@@ -335,20 +367,23 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     started = time.perf_counter()
     runs: dict[str, list[Run]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        source = None
-        if any(c.get("warm") for c in chosen.values()):
-            log("warm-start source: a study on synthetic data")
-            source = warm_source_study(mode, folder)
-        for seed in range(mode.seeds):
-            for name, change in chosen.items():
-                log(f"{name}, sampler seed {seed}")
-                runs.setdefault(name, []).append(run_one(mode, name, change, seed, folder, source))
-        summary, budget, top = summarize(runs)
-        for name, rs in runs.items():
-            log(f"{name}: re-training the winner on {len(RETRAIN_SEEDS)} new seeds")
-            summary[name].update(retrain_winner(rs))
+    folder = out / "studies"
+    folder.mkdir(exist_ok=True)
+    if not args.reuse:
+        for old in [*folder.glob("*.db*"), *(out / "runs").glob("*.json")]:
+            old.unlink()
+    source = None
+    if any(c.get("warm") for c in chosen.values()):
+        log("warm-start source: a study on synthetic data")
+        source = warm_source_study(mode, folder, args.reuse)
+    for seed in range(mode.seeds):
+        for name, change in chosen.items():
+            log(f"{name}, sampler seed {seed}")
+            runs.setdefault(name, []).append(run_one(mode, name, change, seed, folder, source, args.reuse))
+    summary, budget, top = summarize(runs)
+    for name, rs in runs.items():
+        log(f"{name}: re-training the winner on {len(RETRAIN_SEEDS)} new seeds")
+        summary[name].update(retrain_winner(rs))
     wall = time.perf_counter() - started
     text = table(summary, budget, top, mode_name, mode)
     title = (f"Best validation accuracy against epochs trained ({mode_name}: {mode.trials} trials × "
