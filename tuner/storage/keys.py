@@ -17,6 +17,8 @@ Trial user attrs (what `tuner` writes about each trial)
     `warm_start_study` `warm_start_trial` (a config queued by --warm-start, and where it came from)
     `stage` `stage_index` `stage_fixed` (a staged study's trial: its stage, and the values the stage
     fixed for the knobs it does not search; see stages.py)
+    `pbt_member` `pbt_generation` `pbt_parent` `pbt_exploit` `pbt_knobs` `pbt_epochs` (a segment of a
+    population-based study: see below and tuner/engine/pbt.py)
 
 Trial system attrs (Optuna's retry convention, shared with `RetryFailedTrialCallback`)
     `failed_trial` `retry_history`; tuner adds `tuner_interrupted` (predecessors stopped by a signal)
@@ -61,6 +63,13 @@ PRUNE_HELD_UNTIL = "pruning_held_until_epoch"  # schedule-aware pruning: first e
 STAGE = "stage"  # a staged study's trial: the name of its stage (stages.py); retry copies keep it
 STAGE_INDEX = "stage_index"  # idem: the stage's position in `stages:`, from 0
 STAGE_FIXED = "stage_fixed"  # idem: {knob: value} the stage fixed (the knobs it does not search)
+# A population-based (PBT) study: each trial is one segment of one member, `interval` epochs long
+PBT_MEMBER = "pbt_member"  # the member (0 .. size-1)
+PBT_GENERATION = "pbt_generation"  # the segment's index in the member's run (0 .. segments-1)
+PBT_PARENT = "pbt_parent"  # the trial whose end-of-segment checkpoint this segment starts from (None at generation 0)
+PBT_EXPLOIT = "pbt_exploit"  # True: the parent is a top member's segment (exploit, then explore); False: its own
+PBT_KNOBS = "pbt_knobs"  # {knob: value} of the mutable knobs in force during the segment (space names)
+PBT_EPOCHS = "pbt_epochs"  # [first, last]: the epochs (1-based, inclusive) the segment trains
 
 # -- trial system attrs ------------------------------------------------------------------------
 FAILED_TRIAL = "failed_trial"  # Optuna's RetryFailedTrialCallback convention
@@ -84,6 +93,37 @@ def history(trial: FrozenTrial) -> list[int]:
     """The numbers of the trials this one retries, oldest first ([] for a first attempt)."""
     value = trial.system_attrs.get(RETRY_HISTORY) or []
     return [int(n) for n in value] if isinstance(value, list) else []
+
+
+def parent(trial: FrozenTrial) -> int | None:
+    """A PBT segment's parent: the trial whose checkpoint it starts from (None: no parent)."""
+    value = trial.user_attrs.get(PBT_PARENT)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def is_segment(trial: FrozenTrial) -> bool:
+    """A segment of a population-based study."""
+    return isinstance(trial.user_attrs.get(PBT_MEMBER), int)
+
+
+def segments(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """The live segments of a population-based study: retried ones replaced by their retry copy,
+    void ones left out. Ordered by trial number."""
+    trials = list(trials)
+    gone = superseded(trials)
+    return sorted((t for t in trials if is_segment(t) and t.number not in gone and not t.user_attrs.get(VOID)),
+                  key=lambda t: t.number)
+
+
+def lineage(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> list[FrozenTrial]:
+    """The chain of segments that trained `trial`'s weights, generation 0 first, `trial` last: each
+    segment's parent, back to the start (parents are COMPLETE segments, never retried)."""
+    chain = [trial]
+    seen = {trial.number}
+    while (number := parent(chain[-1])) is not None and number in by_number and number not in seen:
+        seen.add(number)
+        chain.append(by_number[number])
+    return chain[::-1]
 
 
 def superseded(trials: Iterable[FrozenTrial]) -> set[int]:
