@@ -11,6 +11,12 @@ file in this process:
     random+median     Optuna's RandomSampler with the same pruner
     qmc+median        scrambled Halton (QMCSampler) with the same pruner
     staged            the default sampler and pruner over playbook stages (lr, +β1, +ε/wd, +β2/schedule/rest)
+    tpe+asha          TPE with Optuna's SuccessiveHalvingPruner (asynchronous successive halving)
+    random+asha       RandomSampler with the same
+    tpe+hyperband     TPE with Optuna's HyperbandPruner
+    pbt               population-based training: a population as large as the trial budget, each member
+                      as long as a trial (equal epochs), exploit/explore after every epoch
+    pbt/sampler       the same, with the study's sampler (TPE) proposing the explored values (PB2's idea)
     warm              the default, warm-started with the top configs of a study on `synthetic` data
                       (that source study is run once; its compute is not counted: it is the point of
                       a warm start to reuse an earlier study)
@@ -122,6 +128,10 @@ def strategies(mode: Mode) -> dict[str, dict[str, Any]]:
         "tpe+asha": {"pruner": {"name": "successive_halving"}},
         "random+asha": {"sampler": {"name": "random"}, "pruner": {"name": "successive_halving"}},
         "tpe+hyperband": {"pruner": {"name": "hyperband"}},
+        # population-based training at the same epochs: trials × epochs = population × epochs, each member
+        # as long as a trial, exploit/explore after every epoch (population.py defaults otherwise)
+        "pbt": {"strategy": "pbt", "population": {"size": mode.trials, "interval": 1}},
+        "pbt/sampler": {"strategy": "pbt", "population": {"size": mode.trials, "interval": 1, "explore": "sampler"}},
     }
 
 
@@ -157,6 +167,7 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
 
     from tuner.engine.sweep import run_sweep
     from tuner.engine.warmstart import WarmStart
+    from tuner.storage import keys
     from tuner.study.config import parse_study
     from tuner.study.settings import Flags
 
@@ -165,8 +176,10 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
         log(f"  reusing {run_file(folder, name)}")
         return kept
     data = {**base_study(mode, name), **{k: v for k, v in change.items() if k != "warm"}}
-    if "stages" in data:
+    if "stages" in data or "population" in data:
         data.pop("n_trials")
+    if "population" in data:
+        data.pop("pruner")
     config = parse_study(data, file=f"{name}.yaml")
     for stale in folder.glob(f"{name}.db*"):  # an interrupted earlier attempt: start afresh
         stale.unlink()
@@ -181,7 +194,9 @@ def run_one(mode: Mode, strategy: str, change: dict[str, Any], seed: int, folder
     done = sorted((t for t in result.trials if t.datetime_complete is not None), key=lambda t: t.datetime_complete)
     best: float | None = None
     for t in done:
-        run.epochs += len(t.intermediate_values)
+        span = t.user_attrs.get(keys.PBT_EPOCHS)  # a PBT segment re-reports its lineage's earlier epochs
+        trained = [e for e in t.intermediate_values if e >= span[0]] if span else t.intermediate_values
+        run.epochs += len(trained)
         if t.state == TrialState.COMPLETE and t.value is not None:
             best = t.value if best is None else max(best, t.value)
         run.curve.append((run.epochs, best))

@@ -60,6 +60,7 @@ STUDY_PROBES = [
     ("space.<knob>", _study(space={"lr": {"low": 1e-4, "high": 1e-1, "zzz": 1}})),
     ("space.<knob>", _study(space={"optimizer": {"choices": ["adam"], "zzz": 1}})),
     ("stages[]", _study(n_trials=None, stages=[{"knobs": ["lr"], "trials": 1, "zzz": 1}])),
+    ("population", _study(n_trials=None, epochs=2, strategy="pbt", population={"size": 2, "interval": 1, "zzz": 1})),
 ]
 PARAMS_PROBES = [
     ("", {"zzz": 1}),

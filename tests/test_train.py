@@ -19,6 +19,7 @@ from tuner.training.models import build_model
 from tuner.training.train import (
     CHECKPOINT_FORMAT,
     EpochRecord,
+    SingleEngine,
     TrainResult,
     device_settings,
     load_checkpoint,
@@ -272,12 +273,28 @@ def test_checkpoint_for_other_params_is_refused(data: DeviceData, tmp_path: Path
     ckpt = tmp_path / "ckpt.pt"
     train(params, data, checkpoint_path=ckpt, on_epoch=lambda rec: True)
     assert load_checkpoint(ckpt)["epoch"] == 1  # fine without params to compare against
-    for other in (make_params(epochs=2, optimizer={"lr": 2e-3}), make_params(epochs=3),
+    for other in (make_params(epochs=2, optimizer={"name": "adamw"}), make_params(epochs=3),
                   make_params(epochs=2, training={"seed": 5})):
         with pytest.raises(CheckpointError, match="other params"):
             load_checkpoint(ckpt, other)
         with pytest.raises(CheckpointError, match="other params"):
             train(other, data, resume_from=ckpt)
+
+
+def test_a_checkpoint_resumes_under_new_hyperparameters(data: DeviceData, tmp_path: Path) -> None:
+    """lr, betas, eps, weight decay and the clipping threshold may differ from the checkpoint's (PBT's
+    explore): the run resumes with the new values in the optimizer."""
+    params = make_params(epochs=2)
+    ckpt = tmp_path / "ckpt.pt"
+    train(params, data, checkpoint_path=ckpt, on_epoch=lambda rec: True)
+    new = make_params(epochs=2, optimizer={"lr": 2e-3, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-3})
+    assert load_checkpoint(ckpt, new)["epoch"] == 1
+    engine = SingleEngine(data)
+    engine.add("t", new, resume_from=ckpt)
+    groups = engine.trial.optimizer.param_groups  # type: ignore[union-attr]
+    assert {(g["betas"], g["eps"], g["weight_decay"]) for g in groups} == {((0.8, 0.99), 1e-6, 1e-3)}
+    out = engine.run_epoch()["t"]
+    assert out.record is not None and out.record.epoch == 2
 
 
 def test_save_checkpoint_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -216,7 +216,7 @@ def sweep_command(
 
     Ctrl-C (SIGINT) or SIGTERM stops at the next epoch boundary and queues the running trial to
     resume from its checkpoint on the next run (exit 130 / 143); a second signal aborts."""
-    from tuner.engine import stages, sweep, warmstart  # the engine: only when a sweep runs (a fast --help)
+    from tuner.engine import pbt, stages, sweep, warmstart  # the engine: only when a sweep runs (a fast --help)
 
     for flag, value in (("--n-trials", n_trials), ("--workers", workers), ("--workers-per-gpu", workers_per_gpu)):
         if value is not None and value < 1:
@@ -242,6 +242,7 @@ def sweep_command(
     resolved = settings.resolve(flags, study=config)  # the study file's storage, timeout, heartbeat, pack
     check_study_model(config, data_dir=resolved.data_dir)  # a model reference, on the data's shape
     stages.check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm)  # a staged study: exit 2 here
+    pbt.check_flags(config, n_trials=n_trials, warm_start=warm)  # a population-based study: exit 2 here
     name = config.name
     if create_only:
         # what applies to workers that join later is stored with the study: its timeout and heartbeat

@@ -61,6 +61,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.engine import pbt
 from tuner.engine.faults import StopController
 from tuner.engine.gate import Gate
 from tuner.engine.stages import fixed_of, next_stage, over_quota
@@ -122,6 +123,7 @@ class Lease:
     resume: tuple[int, dict[str, Any]] | None = None
     retried: bool = False
     fixed: dict[str, Any] | None = None  # a staged trial: the values its stage fixes (stages.py)
+    until: int | None = None  # a PBT segment that is not its member's last: it ends after this epoch (pbt.py)
 
 
 class LeaseManager:
@@ -191,15 +193,22 @@ class LeaseManager:
         cap = self.budget()
         fresh = None
         stage = None
+        segment = None
         if not waiting:
             if cap is not None and keys.budget_used(trials) >= cap:
                 return None
+            made: dict[str, Any] = {}
             if self.config.stages:
                 stage = next_stage(self.config.stages, self.config.space, trials)
                 if stage is None or stage.waiting_for:  # an earlier stage's last trials still run: wait
                     return None
-            fresh = self.storage.create_new_trial(self.study_id, keys.fresh_template(
-                uuid.uuid4().hex, **({"user_attrs": stage.user_attrs(), "fixed_params": stage.fixed} if stage else {})))
+                made = {"user_attrs": stage.user_attrs(), "fixed_params": stage.fixed}
+            elif self.config.population is not None:
+                segment = pbt.plan(self.config, trials)
+                if segment is None:  # every member still trains its segment (or all segments exist): wait
+                    return None
+                made = {"user_attrs": segment.user_attrs, "fixed_params": segment.fixed}
+            fresh = self.storage.create_new_trial(self.study_id, keys.fresh_template(uuid.uuid4().hex, **made))
         with warnings.catch_warnings():
             # ask-and-tell on a heartbeat storage: Optuna warns that heartbeats are meant for optimize
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
@@ -219,22 +228,38 @@ class LeaseManager:
                 self.retry(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
                 self.heartbeat.remove(tid)
                 return None
-        if tid == fresh:  # made from the fresh template just now: no lineage, nothing to resume
-            return Lease(trial, None, False, fixed=stage.fixed if stage else None)
         by_number = {t.number: t for t in trials}
+        if tid == fresh:  # made from the fresh template just now: nothing to resume, but a PBT segment's parent
+            start = None
+            if segment is not None and segment.parent is not None:
+                ck = by_number[segment.parent].user_attrs.get(keys.CHECKPOINT)
+                start = (segment.parent, ck) if isinstance(ck, dict) else None
+            return Lease(trial, start, False, fixed=stage.fixed if stage else None,
+                         until=self.segment_end(segment.user_attrs if segment else {}))
         frozen = by_number.get(trial.number)
         if frozen is None:  # queued after our read (by another worker's reconcile): read it now
             frozen = self.retry(lambda: self.storage.get_trial(tid))
             by_number = {t.number: t for t in self.trials()}
         resume = resume_point(frozen, by_number)
         retried = bool(keys.history(frozen))
-        return Lease(trial, resume, retried, fixed=fixed_of(frozen))
+        return Lease(trial, resume, retried, fixed=fixed_of(frozen), until=self.segment_end(frozen.user_attrs))
+
+    def segment_end(self, user_attrs: dict[str, Any]) -> int | None:
+        """The last epoch of a PBT segment that is not its member's last (None otherwise)."""
+        span = user_attrs.get(keys.PBT_EPOCHS)
+        if not isinstance(span, list) or len(span) != 2:
+            return None
+        end = int(span[1])
+        return end if end < self.config.training.epochs else None
 
     def has_room(self, trials: list[FrozenTrial]) -> bool:
-        """The budget has room for another trial (and, in a staged study, a stage is not full)."""
+        """The budget has room for another trial (in a staged study, a stage is not full; in a
+        population-based one, a segment can start now)."""
         cap = self.budget()
         if cap is not None and keys.budget_used(trials) >= cap:
             return False
+        if self.config.population is not None:
+            return pbt.plan(self.config, trials) is not None
         return not self.config.stages or next_stage(self.config.stages, self.config.space, trials) is not None
 
     def budget(self) -> int | None:
@@ -356,6 +381,8 @@ class LeaseManager:
             live = self.queue_retries()
             if any(t.state == TrialState.WAITING for t in live):
                 return True
+            if self.config.population is not None and self.has_room(live):
+                return True  # a member ended its segment: its next one can start while others still train
             if not any(t.state == TrialState.RUNNING and keys.is_tuner_trial(t) for t in live):
                 return self.has_room(live)
             if deadline is not None and time.monotonic() >= deadline:
@@ -365,7 +392,9 @@ class LeaseManager:
 
     def cleanup(self) -> None:
         try:
-            cleanup(self.store, self.trials(), self.settings.keep_checkpoints, self.settings.max_retry)
+            trials = self.trials()
+            cleanup(self.store, trials, self.settings.keep_checkpoints, self.settings.max_retry,
+                    also=pbt.needed_checkpoints(self.config, trials))
         except OSError as exc:
             print(f"warning: checkpoint cleanup in {self.store.base_path}: {exc}", file=sys.stderr)
 

@@ -22,8 +22,9 @@ have passed since the trial started or last saved, always on a stop signal, and 
 epoch only for keep policy `best`. The engine writes the checkpoint to a local file, which goes
 into the store atomically; the user attr `checkpoint` = {artifact_id, epoch} points at it.
 
-**A hook for other loops.** `ends(record) -> bool` ends the trial COMPLETE after an epoch before
-its last (a population-based loop ends a member's segment after its interval).
+**Segments.** A PBT segment that is not its member's last (`lease.until`, pbt.py) ends COMPLETE
+after that epoch, with a checkpoint written then and kept: the member's next segment, or another
+member exploiting it, starts from there. It records the mutable knobs in force (`pbt_knobs`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from tuner.study.params import TrialParams
 from tuner.study.space import suggest
 from tuner.training.data import DeviceData
 from tuner.training.optim import first_judged_epoch
-from tuner.training.train import EpochEngine, EpochRecord, SlotEpoch, TrainResult, epoch_steps, load_checkpoint
+from tuner.training.train import EpochEngine, SlotEpoch, TrainResult, epoch_steps, load_checkpoint
 
 
 @dataclass
@@ -61,8 +61,10 @@ class Outcome:
     checkpoint: str | None = None  # the trial's checkpoint file, to delete once it is told
 
 
-def finished(how: str, result: TrainResult, started: float, checkpoint_id: str | None, keep: str) -> Outcome:
-    """How a trained trial ends: `how` is "completed", "stopped" (pruned) or "diverged"."""
+def finished(how: str, result: TrainResult, started: float, checkpoint_id: str | None, keep: str,
+             segment_end: bool = False) -> Outcome:
+    """How a trained trial ends: `how` is "completed", "stopped" (pruned) or "diverged".
+    `segment_end`: a PBT segment before its member's last, whose checkpoint others start from."""
     attrs: dict[str, Any] = {keys.SECONDS: time.perf_counter() - started, keys.HISTORY: result.history,
                              keys.EPOCHS: result.epochs}
     if how == "diverged":
@@ -74,7 +76,8 @@ def finished(how: str, result: TrainResult, started: float, checkpoint_id: str |
     else:
         assert result.val_accuracy is not None
         outcome = Outcome(TrialState.COMPLETE, value=float(result.val_accuracy), attrs=attrs)
-    if checkpoint_id is not None and not (outcome.state == TrialState.COMPLETE and keep == "best"):
+    kept = outcome.state == TrialState.COMPLETE and (keep == "best" or segment_end)
+    if checkpoint_id is not None and not kept:
         # nothing resumes a finished trial: its checkpoint file is deleted once the trial is told.
         # The attr stays: a worker that dies before its tell leaves a RUNNING trial whose retry
         # must still find the last checkpoint (a dangling attr on a finished trial costs a `stat`).
@@ -101,14 +104,12 @@ class RunContext:
 class TrialRunner:
     """One leased trial in an engine; see the module docstring."""
 
-    def __init__(self, ctx: RunContext, lease: Lease, engine: EpochEngine, *,
-                 ends: Callable[[EpochRecord], bool] | None = None) -> None:
+    def __init__(self, ctx: RunContext, lease: Lease, engine: EpochEngine) -> None:
         self.ctx = ctx
         self.lease = lease
         self.trial: optuna.Trial = lease.trial
         self.number: int = lease.trial.number
         self.engine = engine
-        self.ends = ends
         self.manager = ctx.manager
         self.retry = ctx.manager.retry
         self.nop = isinstance(ctx.manager.study.pruner, optuna.pruners.NopPruner)
@@ -133,6 +134,10 @@ class TrialRunner:
             params = retry(lambda: suggest(trial, config.space, config.training))
             self.params = params
             retry(lambda: trial.set_user_attr(keys.PARAMS, params.to_dict()))
+            population = config.population
+            if population is not None:  # a PBT segment: the mutable knobs in force
+                knobs = {k: v for k, v in trial.params.items() if k in population.mutable}
+                retry(lambda: trial.set_user_attr(keys.PBT_KNOBS, knobs))
             self.started = time.perf_counter()
             resume = self._download(params)
             if resume is not None:
@@ -144,6 +149,9 @@ class TrialRunner:
             elif self.lease.retried:
                 retry(lambda: trial.set_user_attr(keys.RESUMED, 0))
             try:
+                if resume is None and self.lease.resume is not None and config.population is not None:
+                    # a segment trains only its interval: from epoch 0 it would be another run's segment
+                    raise CheckpointError(f"the checkpoint of trial {self.lease.resume[0]} it starts from is unusable")
                 self.judged_from = self._judged_from(params)
                 if self.judged_from > 1 and not self.nop:
                     retry(lambda: trial.set_user_attr(keys.PRUNE_HELD_UNTIL, self.judged_from))
@@ -196,15 +204,17 @@ class TrialRunner:
                 return True
             record = out.record
             assert record is not None
-            self.checkpoint(record.epoch)
+            until = self.lease.until
+            segment_end = until is not None and record.epoch >= until and not out.finished
+            self.checkpoint(record.epoch, force=segment_end)
             self.retry(functools.partial(self.trial.report, record.val_accuracy, record.epoch))
             # should_prune re-reads the whole trial; NopPruner's answer is always no, and with
             # schedule-aware pruning it is not asked while the trial's own lr still warms up
             if not self.nop and record.epoch >= self.judged_from and bool(self.retry(self.trial.should_prune)):
                 self.finish("stopped")
                 return True
-            if out.finished or (self.ends is not None and self.ends(record)):
-                self.finish("completed")
+            if out.finished or segment_end:
+                self.finish("completed", segment_end=segment_end)
                 return True
             return False
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -245,10 +255,10 @@ class TrialRunner:
         """A second signal: mark interrupted and tell FAIL, one try each, then let the abort go on."""
         self.manager.abort(self.trial)
 
-    def finish(self, how: str) -> None:
+    def finish(self, how: str, segment_end: bool = False) -> None:
         """Tell a trial that completed, was pruned ("stopped") or diverged."""
         result = self.engine.result(self.number)
-        self.tell(finished(how, result, self.started, self.checkpoint_id, self.ctx.policy.keep))
+        self.tell(finished(how, result, self.started, self.checkpoint_id, self.ctx.policy.keep, segment_end))
 
     def fail(self, exc: BaseException) -> None:
         self.tell(failed(exc, self.started))

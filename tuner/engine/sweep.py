@@ -26,6 +26,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.engine import pbt
 from tuner.engine.faults import Interrupted
 from tuner.engine.stages import check_flags
 from tuner.engine.warmstart import WarmStart, enqueue, load_sources
@@ -61,6 +62,7 @@ def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | No
     A staged study (`stages:`) refuses `n_trials` other than its stages' sum and a warm start
     (stages.check_flags), before anything is written."""
     check_flags(config.stages, config.source, n_trials=n_trials, warm_start=warm_start)
+    pbt.check_flags(config, n_trials=n_trials, warm_start=warm_start)
     target = StorageURL.parse(url)
     picks = None
     if warm_start is not None:

@@ -16,6 +16,7 @@ timeout** counts from the worker's start, data loading included.
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import signal
@@ -47,10 +48,11 @@ EngineFactory = Callable[[DeviceData, LeaseManager, Settings], EpochEngine]
 
 
 def environment(device: Any, worker: str | None = None) -> dict[str, str]:
-    """What a trial ran on: device, torch and Optuna versions, host (and the worker's id)."""
+    """What a trial ran on: device, torch and Optuna versions, host and process id (and the worker's id)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     env = {"device": str(device), "device_name": name, "torch": torch.__version__,
-           "optuna": optuna.__version__, "host": platform.node()}
+           "optuna": optuna.__version__, "host": platform.node(),
+           "pid": str(os.getpid())}
     if worker:
         env["worker"] = worker
     return env

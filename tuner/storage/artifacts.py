@@ -96,8 +96,10 @@ class CheckpointPolicy:
 
 
 def resume_point(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> tuple[int, dict[str, Any]] | None:
-    """(predecessor number, its `checkpoint` attr) of the newest predecessor with a checkpoint."""
-    for number in reversed(keys.history(trial)):
+    """(predecessor number, its `checkpoint` attr) of the newest predecessor with a checkpoint: the
+    trials it retries, newest first, then (a PBT segment) the parent segment it starts from."""
+    parent = keys.parent(trial)
+    for number in [*reversed(keys.history(trial)), *([parent] if parent is not None else [])]:
         pred = by_number.get(number)
         ck = pred.user_attrs.get(keys.CHECKPOINT) if pred is not None else None
         if isinstance(ck, dict) and ck.get("artifact_id"):
@@ -111,12 +113,13 @@ def checkpoint_ids(trial: FrozenTrial) -> list[str]:
 
 
 def cleanup(store: CheckpointStore, trials: Iterable[FrozenTrial], keep: str = "none",
-            max_retry: int | None = None) -> int:
+            max_retry: int | None = None, also: Iterable[int] = ()) -> int:
     """Delete the checkpoint files no trial needs any more; returns how many were removed.
 
     Needed: those of RUNNING and WAITING trials and of their predecessors (a retry resumes from
-    them), of failed trials whose retry copy is still to be made, and with keep="best" the best
-    COMPLETE trial's. Idempotent, safe from any worker. A
+    them) and parents (a PBT segment starts from one), of failed trials whose retry copy is still
+    to be made, with keep="best" the best COMPLETE trial's, and those named in `also` (PBT
+    segments a later one may still start from: pbt.needed_checkpoints). Idempotent, safe from any worker. A
     finished trial keeps its `checkpoint` attr (finished trials are read-only in Optuna); a file
     already gone costs a `stat`."""
     if not store.base_path.is_dir():
@@ -124,10 +127,13 @@ def cleanup(store: CheckpointStore, trials: Iterable[FrozenTrial], keep: str = "
     trials = list(trials)
     gone = keys.superseded(trials)
     needed = {t.number for t in trials if t.number not in gone and keys.needs_retry(t, max_retry)}
+    needed.update(also)
     for t in trials:
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             needed.add(t.number)
             needed.update(keys.history(t))
+            if keys.parent(t) is not None:
+                needed.add(keys.parent(t))  # type: ignore[arg-type]
     if keep == "best":
         best = keys.best_complete(t for t in trials if checkpoint_ids(t))
         if best is not None:

@@ -36,8 +36,9 @@ from typing import Any
 from tuner.engine.stages import Stage, parse_stages
 from tuner.errors import ConfigError
 from tuner.study.params import TrainingParams, check_training_model, model_setting, parse_pack, training_params
+from tuner.study.population import Population, parse_population
 from tuner.study.registry import PRUNERS, SAMPLERS, check_options
-from tuner.study.schema import DIRECTIONS, allowed
+from tuner.study.schema import DIRECTIONS, STRATEGIES, allowed
 from tuner.study.space import SearchSpace, parse_space
 from tuner.study.validate import Checker, read_yaml
 
@@ -82,6 +83,7 @@ class StudyConfig:
     source: str | None = None  # the file it came from, for messages
     stages: tuple[Stage, ...] = ()  # `stages:` (stages.py); n_trials is their sum
     pack: int | str = "auto"  # `training.pack`: trials a worker trains at once (tuner.packing); auto: 1 on a CPU
+    population: Population | None = None  # `strategy: pbt` (population.py); n_trials is size × segments
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as stored in the study. It never holds the storage URL."""
@@ -95,6 +97,7 @@ class StudyConfig:
             "sampler": asdict(self.sampler), "pruner": asdict(self.pruner),
             "heartbeat": asdict(self.heartbeat), "space": self.space.to_dict(),
             **({"stages": [s.to_dict() for s in self.stages]} if self.stages else {}),
+            **({"strategy": "pbt", "population": self.population.to_dict()} if self.population else {}),
         }
 
     def fingerprint(self) -> dict[str, Any]:
@@ -102,7 +105,8 @@ class StudyConfig:
         d = self.to_dict()
         out = {k: d[k] for k in ("direction", "dataset", "model", "epochs", "batch_size", "training", "space")}
         out["training"] = {k: v for k, v in out["training"].items() if k != "pack"}  # packing changes no result
-        return {**out, "model_options": d.get("model_options"), "stages": d.get("stages")}
+        return {**out, "model_options": d.get("model_options"), "stages": d.get("stages"),
+                "population": d.get("population")}
 
 
 TOP_KEYS = allowed("")  # every key is described in tuner.study.schema.STUDY_FILE
@@ -117,7 +121,11 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         raise c.error("space", "is required (the search space: at least one knob)")
     n_trials = c.int("n_trials", 20, ge=1, optional=True)
     timeout = c.float("timeout", None, gt=0.0, optional=True)
-    if n_trials is None and timeout is None and c.raw("stages") is None:
+    strategy = c.str("strategy", "search", choices=STRATEGIES)
+    if strategy == "pbt" and c.raw("stages") is not None:
+        raise c.error("stages", "cannot be combined with strategy: pbt (a population explores every knob it "
+                                "mutates at once)")
+    if n_trials is None and timeout is None and c.raw("stages") is None and strategy != "pbt":
         raise c.error("n_trials", "set n_trials, timeout, or both")
     extra = Checker(c.raw("training"), file=file, prefix="training", allowed=allowed("training"))
     try:  # trials per pack (tuner.packing): how workers run trials, not a trial's setting
@@ -141,13 +149,30 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
                                       f"({' + '.join(str(s.trials) for s in stages)}): leave n_trials out, or set it "
                                       f"to {total}")
         n_trials = total
+    population = None
+    pruner = _pruner(c, PRUNERS)
+    if strategy == "pbt":
+        if c.has("pruner") and pruner.name != "none":
+            raise c.error("pruner", f"is {pruner.name}, but strategy: pbt replaces pruning (weak members copy "
+                                    "strong ones): leave pruner out, or set it to none")
+        pruner = Pruner("none")
+        population = parse_population(c.raw("population"), space, training.epochs, file=file)
+        total = population.size * population.segments(training.epochs)
+        if c.has("n_trials") and n_trials != total:
+            given = "null" if n_trials is None else n_trials
+            raise c.error("n_trials", f"is {given}, but a population of {population.size} × "
+                                      f"{population.segments(training.epochs)} segments is {total} trials: leave "
+                                      f"n_trials out, or set it to {total}")
+        n_trials = total
+    elif c.has("population"):
+        raise c.error("population", "needs strategy: pbt")
     return StudyConfig(
         name=c.str("name", None),
         direction=c.str("direction", "maximize", choices=DIRECTIONS),
         training=training,
         space=space,
         sampler=_component(c, "sampler", "tpe", SAMPLERS),
-        pruner=_pruner(c, PRUNERS),
+        pruner=pruner,
         n_trials=n_trials,
         timeout=timeout,
         storage=c.str("storage", None, optional=True),
@@ -155,6 +180,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         pack=pack,
         source=file,
         stages=stages,
+        population=population,
     )
 
 

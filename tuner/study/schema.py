@@ -20,6 +20,8 @@ CLIP_MODES = ("none", "norm", "value")
 PRECISIONS = ("auto", "fp32", "bf16")
 DIRECTIONS = ("maximize",)  # the objective is validation accuracy
 SAMPLER_NAMES = ("tpe", "random", "qmc", "cmaes", "gp")  # tuner.study.registry.SAMPLERS (a test compares)
+STRATEGIES = ("search", "pbt")
+EXPLORERS = ("perturb", "sampler")
 PRUNER_NAMES = ("median", "percentile", "successive_halving", "hyperband", "patient", "threshold", "none")
 
 KNOB = "<knob>"  # the path segment that stands for any knob of `space:`
@@ -122,6 +124,10 @@ STUDY_FILE: tuple[Key, ...] = (
     Key("training", "mapping", "{}", "further training settings"),
     Key("space", "mapping", "(required)", "the search space: each knob a fixed value, a range or choices"),
     Key("stages", "list or null", "null", "search a few knobs at a time, in order: a list of {name, knobs, trials}"),
+    Key("strategy", "str", "search", "search: trials sampled and pruned; pbt: population-based training (a population "
+        "whose weak members copy strong ones and explore, every interval epochs)", _one_of(STRATEGIES)),
+    Key("population", "mapping", "(required with pbt)", "population-based training: {size, interval, quantile, "
+        "perturb, resample_probability, explore, mutable}"),
     Key("sampler.name", "str", "tpe", "sampler name", _one_of(SAMPLER_NAMES)),
     Key("sampler.options", "mapping", "{}", "keyword arguments for the Optuna sampler's constructor (not seed)"),
     Key("pruner.name", "str", "median", "pruner name", _one_of(PRUNER_NAMES)),
@@ -141,6 +147,18 @@ STUDY_FILE: tuple[Key, ...] = (
     Key(f"space.{KNOB}.log", "bool", "false", "sample the range on a log scale (low must be > 0)"),
     Key(f"space.{KNOB}.step", "float or null", "null", "discretisation step of a range"),
     Key(f"space.{KNOB}.choices", "list", "(required)", "the values of a categorical knob (not with low/high)"),
+    Key("population.size", "int >= 2", "(required)", "members trained side by side"),
+    Key("population.interval", "int >= 1", "(required)", "epochs per segment (one trial); less than epochs"),
+    Key("population.quantile", "float", "0.25", "a member in the bottom quantile of its generation copies one in the "
+        "top quantile", "0 < x <= 0.5"),
+    Key("population.perturb", "list of float", "[0.8, 1.25]", "explore: multiply each mutable knob by one of these "
+        "(clipped to its range)", "each > 0"),
+    Key("population.resample_probability", "float", "0.25", "explore: draw a knob afresh from its range instead, "
+        "with this probability", "0 <= x <= 1"),
+    Key("population.explore", "str", "perturb", "perturb (as above), or sampler: the study's sampler proposes the "
+        "new values, conditioned on every finished segment", _one_of(EXPLORERS)),
+    Key("population.mutable", "list of str", "(every searched one)", "knobs that may change during training",
+        "lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, clip_threshold"),
     Key("stages[].name", "str", "stageN", "stage name, unique in the study"),
     Key("stages[].knobs", "list of str", "(required)", "knobs the stage searches, as space: names them"),
     Key("stages[].trials", "int >= 1", "(required)", "trials the stage runs"),

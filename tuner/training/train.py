@@ -409,6 +409,9 @@ class SingleEngine:
                 state = load_checkpoint(resume_from, params)
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(optimizer_state_for(optimizer, state["optimizer"]))
+                for group in optimizer.param_groups:  # the params' values, not the checkpoint's (PBT's explore)
+                    group.update(betas=params.optimizer.betas, eps=params.optimizer.eps,
+                                 weight_decay=params.optimizer.weight_decay)
                 restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
                 torch.set_rng_state(state["rng_cpu"])
                 if device.type == "cuda" and "rng_cuda" in state:
@@ -652,6 +655,17 @@ def load_checkpoint(path: str | Path, params: TrialParams | None = None) -> dict
         raise CheckpointError(f"checkpoint {path}: corrupt or unreadable ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a tuner checkpoint")
-    if params is not None and state.get("params") != params.to_dict():
+    if params is not None and _fixed_part(state.get("params")) != _fixed_part(params.to_dict()):
         raise CheckpointError(f"checkpoint {path}: was written for other params; refusing to resume")
     return state
+
+
+def _fixed_part(d: Any) -> Any:
+    """A params dict without the values a run may change while it trains (PBT's explore)."""
+    if not isinstance(d, dict):
+        return d
+    out = {k: v for k, v in d.items() if k != "intervals"}
+    out["optimizer"] = {k: v for k, v in (d.get("optimizer") or {}).items()
+                        if k not in ("lr", "betas", "eps", "weight_decay")}
+    out["clipping"] = {k: v for k, v in (d.get("clipping") or {}).items() if k != "threshold"}
+    return out
