@@ -69,6 +69,7 @@ PARAMS_PROBES = [
     ("clipping", {"clipping": {"zzz": 1}}),
     ("training", {"training": {"zzz": 1}}),
     ("training.augment", {"training": {"augment": {"zzz": 1}}}),
+    ("intervals[]", {"intervals": [{"from_epoch": 0, "zzz": 1}]}),
 ]
 
 

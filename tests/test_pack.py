@@ -365,6 +365,55 @@ def test_packed_checkpoint_resumes_alone_and_packed(data: DeviceData, tmp_path: 
     assert_matches(result.history, full.history)
 
 
+NEW_VALUES = {"name": "adamw", "lr": 4e-3, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 2e-2, "amsgrad": True}
+
+
+def test_pack_resumes_a_checkpoint_under_new_mutable_values(data: DeviceData, tmp_path: Path) -> None:
+    """A population-based segment in a pack: a checkpoint written with other lr, betas, eps, weight decay
+    and clipping threshold resumes under the new values, as train.train resumes it."""
+    old = make(3, epochs=3, opt={"name": "adamw", "lr": 3e-3, "weight_decay": 1e-2, "amsgrad": True},
+               clip={"mode": "norm", "threshold": 1.0})
+    new = make(3, epochs=3, opt=NEW_VALUES, clip={"mode": "norm", "threshold": 0.5})
+    ckpt = tmp_path / "old.pt"
+    train(old, data, checkpoint_path=ckpt, on_epoch=lambda rec: rec.epoch == 1)
+    alone = train(new, data, resume_from=ckpt)
+    assert alone.outcome == "completed" and alone.resumed_from_epoch == 1
+
+    pack = Pack(data, 2, new.training)
+    pack.add("n", new, resume_from=ckpt)
+    pack.add("other", MIXED[0])
+    group = pack.optimizer("n").param_groups[0]
+    assert (list(group["betas"]), group["eps"], group["weight_decay"]) == ([0.8, 0.99], 1e-6, 2e-2)
+    while "n" in pack.live():
+        pack.run_epoch()
+    result = pack.result("n")
+    assert result.outcome == "completed" and result.resumed_from_epoch == 1
+    assert_matches(result.history, alone.history)
+
+
+INTERVALS = [
+    {"from_epoch": 0, "lr": 3e-3},
+    {"from_epoch": 1, "lr": 5e-3, "betas": [0.85, 0.99], "eps": 1e-6, "weight_decay": 1e-2, "clip_threshold": 0.3},
+    {"from_epoch": 2, "lr": 1e-3, "betas": [0.9, 0.995], "weight_decay": 0.0, "clip_threshold": 2.0},
+]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_a_slot_with_intervals_matches_its_trial_alone(data: DeviceData, name: str) -> None:
+    """`intervals:` in a pack: each epoch's lr, betas, eps, weight decay and clipping threshold are the
+    ones in force, as in train.train (with another slot beside it that has none)."""
+    params = parse_params({**make(5, epochs=3, opt={"name": name, "lr": 3e-3, "weight_decay": 0.0},
+                                  sched={"name": "cosine", "warmup_fraction": 0.2},
+                                  clip={"mode": "norm", "threshold": 1.0}).to_dict(), "intervals": INTERVALS})
+    alone = train(params, data)
+    plain = train(params.at_epoch(0), data)
+    assert timeless(alone.history)[0] == timeless(plain.history)[0]
+    assert alone.history[1]["train_loss"] != plain.history[1]["train_loss"]  # the intervals change the run
+    packed = train_packed([params, MIXED[0]], data)
+    assert packed[0].outcome == "completed"
+    assert_matches(packed[0].history, alone.history)
+
+
 def test_train_packed_in_packs_of_two(data: DeviceData, alone: list[Any]) -> None:
     """Four trials through a pack of two: the freed slots are refilled until all have run."""
     results = train_packed(MIXED, data, capacity=2)

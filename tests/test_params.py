@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,77 @@ def test_torch_kwargs_match_the_file_block() -> None:
     kwargs = p.optimizer.torch_kwargs()
     assert set(kwargs) == set(block)
     assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()} == block
+
+
+# ---------------------------------------------------------------------------------------------
+# intervals: per-interval values of the mutable knobs (a population-based winner, replayed)
+# ---------------------------------------------------------------------------------------------
+
+INTERVALS_FILE = """\
+optimizer: {lr: 0.003, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0001}
+clipping: {mode: norm, threshold: 1.0}
+training: {model: tiny, epochs: 4}
+intervals:   # the values in force from each epoch on
+  - {from_epoch: 0, lr: 0.003, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0001}
+  - {from_epoch: 2, lr: 0.0024, betas: [0.85, 0.999], clip_threshold: 2.0}
+  - {from_epoch: 3, eps: 1.0e-06}
+"""
+
+
+def test_intervals_parse_and_give_the_values_in_force(tmp_path: Path) -> None:
+    params = load_params(write(tmp_path, INTERVALS_FILE))
+    assert [i.from_epoch for i in params.intervals] == [0, 2, 3]
+    for done in (0, 1):
+        assert params.at_epoch(done) == replace(params, intervals=())
+    two = params.at_epoch(2)
+    assert two.intervals == ()
+    assert (two.optimizer.lr, two.optimizer.betas, two.optimizer.eps, two.optimizer.weight_decay) == (
+        0.0024, (0.85, 0.999), 1e-8, 1e-4)
+    assert two.clipping == ClippingParams(mode="norm", threshold=2.0)
+    three = params.at_epoch(3)
+    assert (three.optimizer.lr, three.optimizer.eps, three.clipping.threshold) == (0.0024, 1e-6, 2.0)
+    assert three.schedule == params.schedule and three.training == params.training
+    # what is not given stays as the file wrote it: the dict round-trips
+    assert params.to_dict()["intervals"][2] == {"from_epoch": 3, "eps": 1e-6}
+    again = load_params(write(tmp_path, dump_params(params), "again.yaml"))
+    assert again == params
+
+
+def test_params_without_intervals_are_unchanged() -> None:
+    params = parse_params({"training": {"epochs": 3}})
+    assert params.intervals == () and params.at_epoch(2) is params
+    assert "intervals" not in params.to_dict()
+
+
+BAD_INTERVALS = [
+    ({"intervals": {"from_epoch": 0}}, "intervals", "non-empty list"),
+    ({"intervals": []}, "intervals", "non-empty list"),
+    ({"intervals": [{"lr": 0.001}]}, "intervals[0].from_epoch", "is required"),
+    ({"intervals": [{"from_epoch": 1}]}, "intervals[0].from_epoch", "must be 0"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 2}, {"from_epoch": 2}]}, "intervals[2].from_epoch",
+     "greater than intervals[1]"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 4}]}, "intervals[1].from_epoch", "less than training.epochs"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": -1}]}, "intervals[1].from_epoch", ">= 0"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "lr": 0}]}, "intervals[1].lr", "> 0"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "betas": [0.9]}]}, "intervals[1].betas", "two numbers"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "betas": [0.9, 1.0]}]}, "intervals[1].betas", "[0, 1)"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "eps": -1}]}, "intervals[1].eps", "> 0"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "weight_decay": -1}]}, "intervals[1].weight_decay", ">= 0"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "clip_threshold": 1.0}]}, "intervals[1].clip_threshold",
+     "clipping.mode"),
+    ({"intervals": [{"from_epoch": 0}, {"from_epoch": 1, "momentum": 0.9}]}, "intervals[1].momentum", "unknown key"),
+    ({"intervals": [{"from_epoch": 0, "lr": 0.01}]}, "intervals[0].lr", "differs from optimizer.lr"),
+    ({"intervals": [{"from_epoch": 0, "betas": [0.8, 0.999]}]}, "intervals[0].betas", "differs from optimizer.betas"),
+    ({"intervals": ["x"]}, "intervals[0]", "mapping"),
+]
+
+
+@pytest.mark.parametrize("data,key,words", BAD_INTERVALS, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(BAD_INTERVALS)])
+def test_invalid_intervals_name_the_entry_and_key(tmp_path: Path, data: dict, key: str, words: str) -> None:
+    data = {"training": {"model": "tiny", "epochs": 4}, **data}
+    path = write(tmp_path, yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert info.value.key == key and info.value.exit_code == 2
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}: ") and words in message and "\n" not in message

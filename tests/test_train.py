@@ -16,10 +16,10 @@ from tuner.errors import CheckpointError
 from tuner.study.params import TrialParams, parse_params
 from tuner.training.data import DeviceData, load_dataset
 from tuner.training.models import build_model
+from tuner.training.optim import LRSchedule
 from tuner.training.train import (
     CHECKPOINT_FORMAT,
     EpochRecord,
-    SingleEngine,
     TrainResult,
     device_settings,
     load_checkpoint,
@@ -273,28 +273,106 @@ def test_checkpoint_for_other_params_is_refused(data: DeviceData, tmp_path: Path
     ckpt = tmp_path / "ckpt.pt"
     train(params, data, checkpoint_path=ckpt, on_epoch=lambda rec: True)
     assert load_checkpoint(ckpt)["epoch"] == 1  # fine without params to compare against
-    for other in (make_params(epochs=2, optimizer={"name": "adamw"}), make_params(epochs=3),
-                  make_params(epochs=2, training={"seed": 5})):
+    for other in (make_params(epochs=2, optimizer={"name": "adamw"}), make_params(epochs=2, optimizer={"amsgrad": True}),
+                  make_params(epochs=3), make_params(epochs=2, training={"seed": 5}),
+                  make_params(epochs=2, schedule={"name": "linear"}), make_params(epochs=2, training={"batch_size": 16}),
+                  make_params(epochs=2, clipping={"mode": "norm", "threshold": 1.0})):
         with pytest.raises(CheckpointError, match="other params"):
             load_checkpoint(ckpt, other)
         with pytest.raises(CheckpointError, match="other params"):
             train(other, data, resume_from=ckpt)
 
 
-def test_a_checkpoint_resumes_under_new_hyperparameters(data: DeviceData, tmp_path: Path) -> None:
-    """lr, betas, eps, weight decay and the clipping threshold may differ from the checkpoint's (PBT's
-    explore): the run resumes with the new values in the optimizer."""
-    params = make_params(epochs=2)
+NEW_VALUES = {"lr": 3e-3, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-3}
+
+
+def test_checkpoint_resumes_under_new_mutable_values(data: DeviceData, tmp_path: Path) -> None:
+    """A population-based segment: the checkpoint resumes under other lr, betas, eps, weight decay and
+    clipping threshold, and the optimizer then holds the new values, not the checkpoint's."""
+    params = make_params(epochs=4, clipping={"mode": "norm", "threshold": 1.0})
     ckpt = tmp_path / "ckpt.pt"
-    train(params, data, checkpoint_path=ckpt, on_epoch=lambda rec: True)
-    new = make_params(epochs=2, optimizer={"lr": 2e-3, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-3})
-    assert load_checkpoint(ckpt, new)["epoch"] == 1
+    first = train(params, data, checkpoint_path=ckpt, on_epoch=lambda rec: rec.epoch == 2)
+    assert first.epochs == 2
+    new = make_params(epochs=4, optimizer=NEW_VALUES, clipping={"mode": "norm", "threshold": 2.5})
+    assert load_checkpoint(ckpt, new)["epoch"] == 2
+
+    from tuner.training.train import SingleEngine
+
     engine = SingleEngine(data)
-    engine.add("t", new, resume_from=ckpt)
-    groups = engine.trial.optimizer.param_groups  # type: ignore[union-attr]
-    assert {(g["betas"], g["eps"], g["weight_decay"]) for g in groups} == {((0.8, 0.99), 1e-6, 1e-3)}
-    out = engine.run_epoch()["t"]
-    assert out.record is not None and out.record.epoch == 2
+    engine.add(0, new, resume_from=ckpt)
+    assert engine.trial is not None
+    for group in engine.trial.optimizer.param_groups:
+        assert (group["lr"], list(group["betas"]), group["eps"], group["weight_decay"]) == (
+            3e-3, [0.8, 0.99], 1e-6, 1e-3)
+    out = engine.run_epoch()[0]
+    assert out.record is not None and out.record.epoch == 3
+    group = engine.trial.optimizer.param_groups[0]
+    assert list(group["betas"]) == [0.8, 0.99] and group["eps"] == 1e-6 and group["weight_decay"] == 1e-3
+
+    resumed = train(new, data, resume_from=ckpt)
+    assert resumed.outcome == "completed" and resumed.resumed_from_epoch == 2 and resumed.epochs == 4
+    assert resumed.history[:2] == first.history
+    # the lr in force is the new peak times the schedule's multiplier over all 4 epochs (cosine)
+    steps = math.ceil(len(data.y_train) / 32)
+    last = 4 * steps - 1
+    assert math.isclose(resumed.history[3]["lr"], 3e-3 * 0.5 * (1 + math.cos(math.pi * last / (4 * steps))))
+
+
+def with_intervals(base: dict[str, Any], intervals: list[dict[str, Any]], epochs: int) -> TrialParams:
+    return make_params(epochs=epochs, **base, intervals=intervals)
+
+
+INTERVALS = [
+    {"from_epoch": 0, "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "clip_threshold": 1.0},
+    {"from_epoch": 1, "lr": 4e-3, "betas": [0.8, 0.99], "weight_decay": 1e-3},
+    {"from_epoch": 2, "lr": 1e-3, "eps": 1e-6, "clip_threshold": 0.5},
+]
+INTERVAL_BASE: dict[str, Any] = {
+    "optimizer": {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    "schedule": {"name": "cosine", "warmup_fraction": 0.2},
+    "clipping": {"mode": "norm", "threshold": 1.0},
+}
+
+
+def test_intervals_apply_their_values_per_epoch(data: DeviceData) -> None:
+    params = with_intervals(INTERVAL_BASE, INTERVALS, epochs=3)
+    seen: list[tuple[float, list[float], float, float]] = []
+
+    from tuner.training.train import SingleEngine
+
+    engine = SingleEngine(data)
+    engine.add(0, params)
+    assert engine.trial is not None
+    while (out := engine.run_epoch()):
+        group = engine.trial.optimizer.param_groups[0]
+        seen.append((out[0].record.lr if out[0].record else math.nan, list(group["betas"]), group["eps"],
+                     group["weight_decay"]))
+    assert [s[1:] for s in seen] == [([0.9, 0.999], 1e-8, 0.0), ([0.8, 0.99], 1e-8, 1e-3), ([0.8, 0.99], 1e-6, 1e-3)]
+    steps = math.ceil(len(data.y_train) / 32)
+    schedule_end = [LRSchedule(params.schedule, 3 * steps, steps)(e * steps - 1) for e in (1, 2, 3)]
+    assert [s[0] for s in seen] == pytest.approx([p * m for p, m in zip((2e-3, 4e-3, 1e-3), schedule_end)])
+
+
+def test_a_run_with_intervals_equals_the_run_resumed_in_pieces(data: DeviceData, tmp_path: Path) -> None:
+    """What replaying a population-based winner relies on: one run with `intervals` is, epoch for epoch,
+    the run trained in pieces, each piece resuming the previous one's checkpoint under its own values."""
+    whole = with_intervals(INTERVAL_BASE, INTERVALS, epochs=3)
+    full = train(whole, data)
+    assert full.outcome == "completed"
+
+    ckpt = tmp_path / "piece.pt"
+    pieces: list[dict[str, Any]] = []
+    for i, entry in enumerate(INTERVALS):
+        piece = whole.at_epoch(entry["from_epoch"])
+        assert not piece.intervals
+        end = INTERVALS[i + 1]["from_epoch"] if i + 1 < len(INTERVALS) else 3
+        torch.manual_seed(1234 + i)  # the pieces run in fresh processes in a study: the global RNG differs
+        result = train(piece, data, checkpoint_path=ckpt, resume_from=ckpt if i else None,
+                       on_epoch=lambda rec, end=end: rec.epoch >= end)
+        pieces = result.history
+    assert timeless(pieces) == timeless(full.history)  # bitwise: losses, accuracy, lr, gradient norms
+    final = train(whole.at_epoch(2), data, resume_from=ckpt)  # nothing left to train: the checkpoint's weights
+    assert_same_weights(final.model, full.model)
 
 
 def test_save_checkpoint_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,8 @@
 
 The Python API (for notebooks), in `tuner.api`: `tuner.tune(config, model=..., data=..., storage=...,
 n_trials=...)` runs a sweep in this process and returns the `optuna.Study`; `tuner.export_best(study,
-path)` writes the best trial's params file. (`tuner.engine.sweep` is the module that drives sweeps.)
+path)` writes the best trial's params file (a population-based study's: its winner's lineage, as
+`intervals`). (`tuner.engine.sweep` is the module that drives sweeps.)
 `import tuner` stays cheap (no torch, no Optuna): they are imported on first use.
 """
 

@@ -122,9 +122,11 @@ def _dataset_spec(data: ArrayData | str) -> str:
 
 def export_best(study: optuna.Study, path: str | Path | None = None) -> str:
     """The best trial of `study` as a params file (what `tuner export` writes and `tuner train` reads;
-    a model reference is kept in `training.model` and `training.model_options`). With `path`, the file
-    is also written there, atomically. Returns the text."""
-    text = text_for(*choose_best_of(study.get_trials(deepcopy=False), study.user_attrs, study.study_name))
+    a model reference is kept in `training.model` and `training.model_options`; a population-based
+    study's winner is its lineage, with `intervals:`). With `path`, the file is also written there,
+    atomically. Returns the text."""
+    trials = study.get_trials(deepcopy=False)
+    text = text_for(*choose_best_of(trials, study.user_attrs, study.study_name), trials=trials)
     if path is not None:
         atomic_write(Path(path), text)
     return text

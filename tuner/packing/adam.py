@@ -32,12 +32,15 @@ def adam_tables(params: TrialParams, total_steps: int, steps_per_epoch: int) -> 
     """Per optimizer step s (0-based) of a trial: the lr after its schedule and warm-up, and the
     scalars torch's Adam derives from it in Python double precision at step s + 1: the step size
     −lr / (1 − β1^t), sqrt(1 − β2^t) and AdamW's decay factor 1 − lr × weight_decay. Computed here
-    once per trial, with the same expressions, so the packed step is bitwise torch's."""
-    opt = params.optimizer
+    once per trial, with the same expressions, so the packed step is bitwise torch's. With `intervals`,
+    each step uses the values in force in its epoch."""
     schedule = LRSchedule(params.schedule, total_steps, steps_per_epoch)
-    beta1, beta2 = opt.betas
+    per_epoch = max(1, steps_per_epoch)
+    by_epoch = [params.at_epoch(e).optimizer for e in range(params.training.epochs)] or [params.optimizer]
     lr, step_size, bc2_sqrt, decay = [], [], [], []
     for s in range(max(1, total_steps)):
+        opt = by_epoch[min(s // per_epoch, len(by_epoch) - 1)]
+        beta1, beta2 = opt.betas
         rate = opt.lr * schedule(s)
         t = float(s + 1)
         lr.append(rate)

@@ -184,16 +184,17 @@ class Pack:
             own["b." + name] = weights[name].detach().to(self.device).clone()
         slot.batches_tracked = {n: int(weights[n]) for n in self.counter_names}
         slot.step_at_add = slot.step
-        own.update(self._hyper(params, spe))
+        own.update(self._scalars(params.at_epoch(slot.epoch)))
+        own.update(self._tables(params, spe))
         own["step"] = torch.tensor(slot.step, dtype=torch.long, device=self.device)
         slot.own = own
         self.slots[key] = slot
 
-    def _hyper(self, params: TrialParams, steps_per_epoch: int) -> dict[str, torch.Tensor]:
-        """A slot's hyperparameters as 0-d tensors and its per-step tables, float32 like torch casts."""
+    def _scalars(self, params: TrialParams) -> dict[str, torch.Tensor]:
+        """A slot's hyperparameters (the values in force: `params.at_epoch(...)`) as 0-d tensors, float32
+        like torch casts."""
         opt, clip, dev = params.optimizer, params.clipping, self.device
         f32 = lambda v: torch.tensor(float(v), dtype=torch.float64).to(dev, torch.float32)  # noqa: E731
-        tables = adam_tables(params, params.training.epochs * steps_per_epoch, steps_per_epoch)
         inf = math.inf
         return {
             "h.w1": f32(1 - opt.betas[0]), "h.b2": f32(opt.betas[1]), "h.c2": f32(1 - opt.betas[1]),
@@ -201,6 +202,13 @@ class Pack:
             "h.ams": torch.tensor(bool(opt.amsgrad), device=dev),
             "h.clip_norm": f32(clip.threshold if clip.mode == "norm" else inf),
             "h.clip_value": f32(clip.threshold if clip.mode == "value" else inf),
+        }
+
+    def _tables(self, params: TrialParams, steps_per_epoch: int) -> dict[str, torch.Tensor]:
+        """A slot's per-step tables (lr, step size, bias correction, AdamW decay), intervals applied."""
+        dev = self.device
+        tables = adam_tables(params, params.training.epochs * steps_per_epoch, steps_per_epoch)
+        return {
             "t.lr": torch.tensor(tables["lr"], dtype=torch.float64, device=dev),
             "t.step_size": torch.tensor(tables["step_size"], dtype=torch.float64).to(dev, torch.float32),
             "t.bc2_sqrt": torch.tensor(tables["bc2_sqrt"], dtype=torch.float64).to(dev, torch.float32),
@@ -320,6 +328,10 @@ class Pack:
         mean, std = data.mean.repeat(1, k, 1, 1), data.std.repeat(1, k, 1, 1)
         spans = batch_spans(n, batch_size, drop_last=settings.static_shapes)
 
+        for pos, s in enumerate(slots):  # an interval that begins now: its values into the slot's row
+            if s.params.intervals:
+                for name, value in self._scalars(s.params.at_epoch(s.epoch)).items():
+                    self._stack[name][pos] = value
         plan = self._plan(slots)
         rows, st = plan.rows, self._stack
         loss_limit = DIVERGENCE_FACTOR * math.log(n_classes)
@@ -379,7 +391,7 @@ class Pack:
         state = AdamState(params, [], [st["m." + n] for n in self.param_names],
                           [st["v." + n] for n in self.param_names],
                           [st["x." + n] for n in self.param_names] if self._amsgrad else None)
-        opts = [s.params.optimizer for s in slots]
+        opts = [s.params.at_epoch(s.epoch).optimizer for s in slots]
         clips = [s.params.clipping.mode for s in slots]
         return _Plan(state=state, rows=torch.arange(len(slots), device=self.device),
                      coupled=any(o.name == "adam" and o.weight_decay != 0 for o in opts),
@@ -483,7 +495,8 @@ class Pack:
         the slot's Adam state, as `train.train`'s optimizer would hold it after the same steps."""
         slot = self.slots[key]
         model = model if model is not None else self.model(key)
-        opt = build_optimizer(model.parameters(), slot.params.optimizer, self.device, fused=self.settings.fused_adam)
+        in_force = slot.params.at_epoch(max(0, slot.epoch - 1)).optimizer  # the last epoch's values, as train's
+        opt = build_optimizer(model.parameters(), in_force, self.device, fused=self.settings.fused_adam)
         group = opt.param_groups[0]
         group["lr"] = slot.last_lr
         if slot.step == 0:

@@ -12,6 +12,10 @@ This is the format `tuner train` reads and `tuner export` writes:
 `training.model` is a registry name or a reference to your own model, `package.module:callable` or
 `path/to/file.py:callable`, with optional `training.model_options` (keyword arguments). Optional
 training keys: `augment` (true, false, or {crop_padding, flip}) and `image_size` (imagefolder data).
+
+An optional `intervals:` list changes the mutable knobs during the run (a population-based study's
+winner, replayed): each entry holds the values in force from `from_epoch` epochs on, the first one
+`optimizer:`'s values (see `Interval`).
 """
 
 from __future__ import annotations
@@ -111,11 +115,52 @@ class TrainingParams:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """One entry of `intervals:`: the values of the mutable knobs in force once `from_epoch` epochs
+    are done. A None value is unchanged from the entry before (the first entry: from `optimizer:`
+    and `clipping:`)."""
+
+    from_epoch: int
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    clip_threshold: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"from_epoch": int(self.from_epoch)}
+        for key in INTERVAL_KNOBS:
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = [float(b) for b in value] if key == "betas" else float(value)
+        return d
+
+
+INTERVAL_KNOBS = ("lr", "betas", "eps", "weight_decay", "clip_threshold")  # what an interval may change
+
+
+@dataclass(frozen=True)
 class TrialParams:
     optimizer: OptimizerParams = field(default_factory=OptimizerParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
     clipping: ClippingParams = field(default_factory=ClippingParams)
     training: TrainingParams = field(default_factory=TrainingParams)
+    intervals: tuple[Interval, ...] = ()  # per-interval values of the mutable knobs; () = `optimizer:` throughout
+
+    def at_epoch(self, completed: int) -> TrialParams:
+        """The params in force once `completed` epochs are done: `optimizer` and `clipping` with the
+        values of every interval that has begun, and no intervals. Without intervals, `self`."""
+        if not self.intervals:
+            return self
+        opt, clip = self.optimizer, self.clipping
+        for entry in self.intervals:
+            if entry.from_epoch > completed:
+                break
+            opt = replace(opt, **{k: getattr(entry, k) for k in ("lr", "betas", "eps", "weight_decay")
+                                  if getattr(entry, k) is not None})
+            if entry.clip_threshold is not None:
+                clip = replace(clip, threshold=entry.clip_threshold)
+        return replace(self, optimizer=opt, clipping=clip, intervals=())
 
     def with_training(self, **changes: Any) -> TrialParams:
         """A copy with some training settings replaced (CLI overrides); None values are ignored."""
@@ -137,37 +182,46 @@ class TrialParams:
                 sched[key] = list(value) if isinstance(value, tuple) else value
         clip = {"mode": self.clipping.mode,
                 "threshold": None if self.clipping.threshold is None else float(self.clipping.threshold)}
-        return {"optimizer": opt, "schedule": sched, "clipping": clip, "training": self.training.to_dict()}
+        out: dict[str, Any] = {"optimizer": opt, "schedule": sched, "clipping": clip,
+                               "training": self.training.to_dict()}
+        if self.intervals:  # only then: params dicts (and checkpoints) without intervals read as before
+            out["intervals"] = [entry.to_dict() for entry in self.intervals]
+        return out
 
 
 def parse_params(data: Any, *, file: str | None = None) -> TrialParams:
     """Validate a params mapping. Unknown keys and out-of-range values raise `ConfigError`; the keys
     are those of `tuner.study.schema.PARAMS_FILE` (an exported file's `study:` block is informational)."""
     top = Checker(data, file=file, prefix="", allowed=allowed("", PARAMS_FILE))
-    return TrialParams(
+    params = TrialParams(
         optimizer=_optimizer(top.raw("optimizer"), file),
         schedule=_schedule(top.raw("schedule"), file),
         clipping=_clipping(top.raw("clipping"), file),
         training=training_params(top.raw("training"), file),
     )
+    intervals = _intervals(top.raw("intervals"), params, file)
+    return replace(params, intervals=intervals) if intervals else params
+
+
+def _betas(c: Checker, raw: Any) -> tuple[float, float]:
+    if not isinstance(raw, (list, tuple)) or len(raw) != 2:
+        raise c.error("betas", f"must be a list of two numbers, got {raw!r}")
+    betas = []
+    for i, b in enumerate(raw):
+        x = as_float(b)
+        if x is None or not 0.0 <= x < 1.0:
+            raise c.error("betas", f"betas[{i}] must be a number in [0, 1), got {b!r}")
+        betas.append(x)
+    return betas[0], betas[1]
 
 
 def _optimizer(data: Any, file: str | None) -> OptimizerParams:
     d = OptimizerParams()
     c = Checker(data, file=file, prefix="optimizer", allowed=allowed("optimizer", PARAMS_FILE))
-    betas_raw = c.raw("betas", list(d.betas))
-    if not isinstance(betas_raw, (list, tuple)) or len(betas_raw) != 2:
-        raise c.error("betas", f"must be a list of two numbers, got {betas_raw!r}")
-    betas = []
-    for i, b in enumerate(betas_raw):
-        x = as_float(b)
-        if x is None or not 0.0 <= x < 1.0:
-            raise c.error("betas", f"betas[{i}] must be a number in [0, 1), got {b!r}")
-        betas.append(x)
     return OptimizerParams(
         name=c.str("name", d.name, choices=OPTIMIZERS),
         lr=c.float("lr", d.lr, gt=0.0),
-        betas=(betas[0], betas[1]),
+        betas=_betas(c, c.raw("betas", list(d.betas))),
         eps=c.float("eps", d.eps, gt=0.0),
         weight_decay=c.float("weight_decay", d.weight_decay, ge=0.0),
         amsgrad=c.bool("amsgrad", d.amsgrad),
@@ -205,6 +259,59 @@ def _clipping(data: Any, file: str | None) -> ClippingParams:
     if c.raw("threshold") is None:
         raise c.error("threshold", f"is required when mode is {mode!r} (a number > 0)")
     return ClippingParams(mode=mode, threshold=c.float("threshold", None, gt=0.0))
+
+
+def _intervals(data: Any, params: TrialParams, file: str | None) -> tuple[Interval, ...]:
+    """`intervals:`: entries with increasing `from_epoch`, the first at 0 holding `optimizer:`'s (and
+    `clipping.threshold`'s) values, each before `training.epochs`; `clip_threshold` only when clipping."""
+    if data is None:
+        return ()
+    if not isinstance(data, list) or not data:
+        raise ConfigError("must be a non-empty list of {from_epoch, lr, betas, eps, weight_decay, clip_threshold}",
+                          file=file, key="intervals")
+    epochs = params.training.epochs
+    out: list[Interval] = []
+    for i, item in enumerate(data):
+        c = Checker(item, file=file, prefix=f"intervals[{i}]", allowed=allowed("intervals[]", PARAMS_FILE))
+        if not c.has("from_epoch"):
+            raise c.error("from_epoch", "is required (the epochs done before the values apply)")
+        start = c.int("from_epoch", None, ge=0)
+        if i == 0 and start != 0:
+            raise c.error("from_epoch", f"must be 0 in the first entry (the values from the start), got {start}")
+        if out and start <= out[-1].from_epoch:
+            raise c.error("from_epoch", f"must be greater than intervals[{i - 1}]'s {out[-1].from_epoch}, "
+                                        f"got {start}")
+        if start >= epochs:
+            raise c.error("from_epoch", f"must be less than training.epochs ({epochs}), got {start}")
+        if c.has("clip_threshold") and params.clipping.mode == "none":
+            raise c.error("clip_threshold", "applies only when clipping.mode is norm or value (it is none)")
+        entry = Interval(
+            from_epoch=start,
+            lr=c.float("lr", None, gt=0.0, optional=True),
+            betas=_betas(c, c.raw("betas")) if c.has("betas") else None,
+            eps=c.float("eps", None, gt=0.0, optional=True),
+            weight_decay=c.float("weight_decay", None, ge=0.0, optional=True),
+            clip_threshold=c.float("clip_threshold", None, gt=0.0, optional=True),
+        )
+        if i == 0:
+            _check_first(c, entry, params)
+        out.append(entry)
+    return tuple(out)
+
+
+def _check_first(c: Checker, entry: Interval, params: TrialParams) -> None:
+    """The first interval holds the values of `optimizer:` and `clipping:` (the file states them once)."""
+    opt = params.optimizer
+    given = {"lr": (entry.lr, opt.lr, "optimizer.lr"), "betas": (entry.betas, opt.betas, "optimizer.betas"),
+             "eps": (entry.eps, opt.eps, "optimizer.eps"),
+             "weight_decay": (entry.weight_decay, opt.weight_decay, "optimizer.weight_decay"),
+             "clip_threshold": (entry.clip_threshold, params.clipping.threshold, "clipping.threshold")}
+    for key, (value, stated, where) in given.items():
+        if value is not None and value != stated:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise c.error(key, f"{shown!r} differs from {where} "
+                               f"({list(stated) if isinstance(stated, tuple) else stated!r}): the first entry holds "
+                               f"{where.partition('.')[0]}:'s values")
 
 
 TRAINING_KEYS = allowed("training", PARAMS_FILE)

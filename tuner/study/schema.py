@@ -170,6 +170,8 @@ PARAMS_FILE: tuple[Key, ...] = (
     Key("clipping", "mapping", "{}", "gradient clipping"),
     Key("training", "mapping", "{}", "model, data and budget of the run"),
     Key("study", "mapping", "(absent)", "written by tuner export: where the params came from (informational)"),
+    Key("intervals", "list or null", "null", "values of the mutable knobs from given epochs on (a population-based "
+        "study's winner, as tuner export writes it); the first entry holds optimizer:'s values"),
     Key("optimizer.name", "str", "adam", "adam, or adamw (decoupled weight decay)", _one_of(OPTIMIZERS)),
     Key("optimizer.lr", "float", "0.001", "peak learning rate", "> 0"),
     Key("optimizer.betas", "[float, float]", "[0.9, 0.999]", "Adam's β1 and β2", "each 0 <= x < 1"),
@@ -194,6 +196,15 @@ PARAMS_FILE: tuple[Key, ...] = (
     Key("training.dataset", *_DATASET),
     Key("training.seed", "int >= 0", "0", "seed of initialisation, data order and augmentation"),
     *_training("training", ("val_fraction", "augment", "precision", "compile", "image_size")),
+    Key("intervals[].from_epoch", "int >= 0", "(required)", "epochs done before the entry's values apply: 0 in the "
+        "first entry, then increasing", "< training.epochs"),
+    Key("intervals[].lr", "float", "(unchanged)", "peak learning rate from then on (the schedule's multiplier still "
+        "runs over all epochs)", "> 0"),
+    Key("intervals[].betas", "[float, float]", "(unchanged)", "Adam's β1 and β2 from then on", "each 0 <= x < 1"),
+    Key("intervals[].eps", "float", "(unchanged)", "Adam's epsilon from then on", "> 0"),
+    Key("intervals[].weight_decay", "float", "(unchanged)", "weight decay from then on", ">= 0"),
+    Key("intervals[].clip_threshold", "float", "(unchanged)", "clipping threshold from then on; only when "
+        "clipping.mode is not none", "> 0"),
 )
 
 TABLES = {"study": STUDY_FILE, "params": PARAMS_FILE}

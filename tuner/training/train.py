@@ -409,9 +409,7 @@ class SingleEngine:
                 state = load_checkpoint(resume_from, params)
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(optimizer_state_for(optimizer, state["optimizer"]))
-                for group in optimizer.param_groups:  # the params' values, not the checkpoint's (PBT's explore)
-                    group.update(betas=params.optimizer.betas, eps=params.optimizer.eps,
-                                 weight_decay=params.optimizer.weight_decay)
+                set_hyperparameters(optimizer, params.at_epoch(int(state["epoch"])))  # not the checkpoint's
                 restore_generator(gen, state["rng_data"], t.seed, int(state["epoch"]))
                 torch.set_rng_state(state["rng_cpu"])
                 if device.type == "cuda" and "rng_cuda" in state:
@@ -444,7 +442,9 @@ class SingleEngine:
 
     def _epoch(self, tr: _Trial, settings: DeviceSettings) -> SlotEpoch:
         data, device, progress = self.data, self.device, tr.progress
-        params = progress.params
+        params = progress.params.at_epoch(progress.epoch)  # the values in force this epoch (intervals:)
+        if progress.params.intervals:
+            set_hyperparameters(tr.optimizer, params)
         t = params.training
         optimizer, fn = tr.optimizer, tr.fn
         loss_limit = DIVERGENCE_FACTOR * math.log(data.num_classes)
@@ -592,6 +592,18 @@ def optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict[str, Any])
     return {**saved, "param_groups": groups}
 
 
+def set_hyperparameters(optimizer: torch.optim.Optimizer, params: TrialParams) -> None:
+    """Write `params`' Adam hyperparameters (betas, eps, weight_decay, and the peak lr until the schedule
+    sets the step's lr) into every param group: after loading a checkpoint written under other values,
+    and at an interval's start."""
+    opt = params.optimizer
+    for group in optimizer.param_groups:
+        group["betas"] = (opt.betas[0], opt.betas[1])
+        group["eps"] = opt.eps
+        group["weight_decay"] = opt.weight_decay
+        group["lr"] = opt.lr
+
+
 def restore_generator(gen: torch.Generator, saved: torch.Tensor, seed: int, epoch: int) -> bool:
     """Restore the data generator (shuffles, crops, flips). A state saved by a generator of another
     device type (a CUDA generator's state is 16 bytes, a CPU one's 5,056) cannot load: the resumed
@@ -655,17 +667,27 @@ def load_checkpoint(path: str | Path, params: TrialParams | None = None) -> dict
         raise CheckpointError(f"checkpoint {path}: corrupt or unreadable ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a tuner checkpoint")
-    if params is not None and _fixed_part(state.get("params")) != _fixed_part(params.to_dict()):
+    if params is not None and not resumable_under(state.get("params"), params):
         raise CheckpointError(f"checkpoint {path}: was written for other params; refusing to resume")
     return state
 
 
-def _fixed_part(d: Any) -> Any:
-    """A params dict without the values a run may change while it trains (PBT's explore)."""
-    if not isinstance(d, dict):
-        return d
-    out = {k: v for k, v in d.items() if k != "intervals"}
-    out["optimizer"] = {k: v for k, v in (d.get("optimizer") or {}).items()
-                        if k not in ("lr", "betas", "eps", "weight_decay")}
-    out["clipping"] = {k: v for k, v in (d.get("clipping") or {}).items() if k != "threshold"}
+MUTABLE = {"optimizer": ("lr", "betas", "eps", "weight_decay"), "clipping": ("threshold",)}  # may change on resume
+
+
+def _fixed_part(params: Any) -> Any:
+    """A params dict without the knobs that may change along a run (`MUTABLE`, and `intervals`)."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {k: v for k, v in params.items() if k != "intervals"}
+    for section, names in MUTABLE.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {k: v for k, v in out[section].items() if k not in names}
     return out
+
+
+def resumable_under(saved: Any, params: TrialParams) -> bool:
+    """Whether a checkpoint written with the params dict `saved` resumes under `params`: everything but
+    the mutable knobs (Adam's lr, betas, eps and weight decay, the clipping threshold, `intervals`) is
+    the same. A population-based study's segment resumes its parent's checkpoint under new values."""
+    return _fixed_part(saved) == _fixed_part(params.to_dict())
