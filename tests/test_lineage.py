@@ -23,7 +23,7 @@ from pbt_studies import CHAIN, SEGMENTS, WINNER, make_pbt_study, params, segment
 
 from conftest import cli_main
 from tuner.insight.lineage import lineage_lines, pbt_lineage
-from tuner.insight.report import build_report, load_study_data, report_sections
+from tuner.insight.report import build_report, load_study_data, report_sections, write_report
 from tuner.insight.report.panels.lineage import knobs_figure, lineage_figure, lineage_info
 from tuner.storage import keys
 from tuner.storage.database import open_storage
@@ -286,3 +286,15 @@ def test_dashboard_shows_the_lineage_in_chromium(pbt_url: str, chromium: str, tm
     assert "PBT lineage: segments by member and epoch" in study and "winner's lineage (trial 9)" in study
     assert "exploit: copied another member" in study
     assert "PBT knobs over epochs" in study and "member 3" in study
+
+
+@pytest.mark.browser
+def test_the_pbt_report_renders_in_chromium_without_errors(pbt_url: str, chromium: str, tmp_path: Path) -> None:
+    from test_browser import open_in_chromium, page_errors, plots  # the report's browser checks
+
+    out = tmp_path / "pbt.html"
+    data = write_report(open_storage(pbt_url), "pbt", out)
+    dom, log = open_in_chromium(chromium, out, tmp_path)
+    assert plots(dom) == sum(1 for s in report_sections(data) if s.figure is not None)
+    assert page_errors(dom, log, out) == []
+    assert "winner's lineage (trial 9)" in dom and "exploit: copied another member" in dom

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -74,7 +75,7 @@ class Lineage:
     def members(self) -> list[int]:
         return sorted({s.member for s in self.segments})
 
-    @property
+    @cached_property
     def by_number(self) -> dict[int, Segment]:
         return {s.number: s for s in self.segments}
 
