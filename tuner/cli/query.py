@@ -14,6 +14,7 @@ from tuner.cli.common import Debug, StorageOpt, err_console, say, table
 from tuner.cli.sweep import describe
 from tuner.errors import ConfigError
 from tuner.insight.export import write_export
+from tuner.insight.lineage import lineage_lines, pbt_lineage
 from tuner.storage import keys
 from tuner.storage._optuna import study_id
 from tuner.storage.database import open_storage, require_study
@@ -47,11 +48,13 @@ def studies_command(storage: StorageOpt = None, debug: Debug = False) -> None:
 @app.command("best")
 def best_command(name: NameArg, top: Annotated[int, typer.Option("--top", help="How many trials.")] = 1,
                  storage: StorageOpt = None, debug: Debug = False) -> None:
-    """Show the best COMPLETE trials of a study."""
+    """Show the best COMPLETE trials of a study; for a population-based study, also the winner's lineage
+    (one line per segment) and the population's exploit events."""
     if top < 1:
         raise ConfigError(f"must be >= 1, got {top}", key="--top")
     rdb = open_storage(Settings.resolve(storage).storage, must_exist=True)
-    trials = keys.completed(rdb.get_all_trials(require_study(rdb, name), deepcopy=False))[:top]
+    every = rdb.get_all_trials(require_study(rdb, name), deepcopy=False)
+    trials = keys.completed(every)[:top]
     if not trials:
         say(f"study {name!r} has no COMPLETE trial yet")
         return
@@ -59,6 +62,10 @@ def best_command(name: NameArg, top: Annotated[int, typer.Option("--top", help="
     table(f"best of {name}", ["rank", "trial", "val_acc", *(["stage"] if staged else []), "params"],
            [[str(i + 1), str(t.number), f"{t.value:.4f}", *([str(t.user_attrs.get(keys.STAGE, "-"))] if staged else []),
              describe(t.user_attrs.get(keys.PARAMS))] for i, t in enumerate(trials)])
+    lineage = pbt_lineage(every)  # a population-based study: the winner's lineage and the exploit events
+    if lineage is not None:
+        for line in lineage_lines(lineage):
+            say(line)
 
 
 @app.command("export")

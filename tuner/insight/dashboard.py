@@ -10,6 +10,10 @@ Optuna's public API, so that any optuna-dashboard on the same storage shows them
 - tuner's panels (`optuna_dashboard.save_plotly_graph_object`), drawn by the report's figure
   functions: gradient norms and clip fraction per trial, and learning curves coloured by schedule.
 
+A population-based (PBT) study also gets its lineage: in the note, the winner's chain of segments
+as a table and the exploit events as a list (`tuner.insight.lineage`); as panels, the lineage tree
+and the mutable knobs over epochs (the report's PBT panels).
+
 It is idempotent and cheap: every graph has a fixed id, so a second call overwrites rather than
 adds, and nothing is written that is already stored as is (the note's version, which
 `save_note` bumps on every write, stays put when the text is the same). A study without a stored
@@ -28,10 +32,12 @@ import plotly.graph_objects as go
 import yaml
 from optuna_dashboard import get_note, save_note, save_plotly_graph_object
 
+from tuner.insight.lineage import lineage_markdown, pbt_lineage
 from tuner.insight.report.build import space_rows
 from tuner.insight.report.data import StudyData, study_data_from_trials
 from tuner.insight.report.panels.curves import curves_figure, curves_info
 from tuner.insight.report.panels.grad import grad_figure, grad_info
+from tuner.insight.report.panels.lineage import KNOBS_TITLE, TREE_TITLE, knobs_figure, lineage_figure, lineage_info
 from tuner.storage import keys
 from tuner.storage.database import require_study
 
@@ -49,10 +55,24 @@ def _curves_graph(data: StudyData) -> tuple[str, Any]:
                   lambda info: curves_figure(info, color_by="schedule"))
 
 
+def _lineage_graph(data: StudyData) -> tuple[str, Any]:
+    return _drawn(f"{TREE_TITLE} (tuner; orange dashed: exploit, dark band: the winner's lineage)",
+                  lineage_info(data), lineage_figure)
+
+
+def _pbt_knobs_graph(data: StudyData) -> tuple[str, Any]:
+    return _drawn(f"{KNOBS_TITLE} (tuner)", lineage_info(data), knobs_figure)
+
+
 # graph id (fixed: a second publish overwrites) -> builder
 GRAPHS: dict[str, Callable[[StudyData], tuple[str, Any]]] = {
     "tuner-grad-norms": _grad_graph,
     "tuner-curves-by-schedule": _curves_graph,
+}
+# a population-based study's graphs, written besides GRAPHS
+PBT_GRAPHS: dict[str, Callable[[StudyData], tuple[str, Any]]] = {
+    "tuner-pbt-lineage": _lineage_graph,
+    "tuner-pbt-knobs": _pbt_knobs_graph,
 }
 
 
@@ -79,7 +99,13 @@ def note_text(data: StudyData) -> str:
              f"({data.direction}d). Batch {c.get('batch_size', '?')}, seed {c.get('seed', '?')}, "
              f"{c.get('n_trials', '?')} trials, sampler {sampler}, pruner {pruner}.", "",
              "The graphs at the end of this page are tuner's: gradient norms and clip fraction per trial, and "
-             "learning curves coloured by learning-rate schedule.", "", "### Search space", ""]
+             "learning curves coloured by learning-rate schedule.", ""]
+    lineage = pbt_lineage(data.frozen)
+    if lineage is not None:  # a population-based study: the winner's lineage and the exploit events
+        lines[-2] = lines[-2][:-1] + ("; for this population-based study also its lineage tree and its mutable "
+                                      "knobs over epochs, per member and along the winner's lineage.")
+        lines.append(lineage_markdown(lineage))
+    lines += ["### Search space", ""]
     rows = space_rows(c)
     if rows:
         lines += ["| knob | searched over |", "| --- | --- |"]
@@ -132,7 +158,8 @@ def publish(storage: Any, study_name: str, trials: list[Any] | None = None) -> N
         save_note(study, note)
 
     system_attrs = storage.get_study_system_attrs(study_id)
-    for graph_id, build in GRAPHS.items():
+    graphs = {**GRAPHS, **(PBT_GRAPHS if pbt_lineage(trials) is not None else {})}
+    for graph_id, build in graphs.items():
         _, figure = build(data)
         if stored_graph(system_attrs, graph_id) != figure.to_json():
             save_plotly_graph_object(study, figure, graph_object_id=graph_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from tuner.insight.report.build import (
     build_report,
     header_html,
+    population_text,
     report_sections,
     space_rows,
     space_text,
@@ -41,7 +42,8 @@ from tuner.insight.report.panels import __all__ as _panels
 from tuner.insight.report.style import KINDS, LABELS, LOG_KNOBS, PALETTE, STYLE
 
 __all__ = [
-    "build_report", "header_html", "report_sections", "space_rows", "space_text", "stages_text", "write_report",
+    "build_report", "header_html", "population_text", "report_sections", "space_rows", "space_text", "stages_text",
+    "write_report",
     "StudyData", "TrialRow", "knobs_of", "load_study_data", "no_complete", "reasons", "row_of",
     "study_data_from_trials", "verify_stats",
     "Section", "figure_html", "render_page", "write_html",

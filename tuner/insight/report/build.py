@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from tuner.insight.lineage import acc, pbt_lineage
 from tuner.insight.report.data import StudyData, load_study_data
 from tuner.insight.report.page import Section, render_page, write_html
 from tuner.insight.report.panels import (
@@ -28,6 +29,10 @@ from tuner.insight.report.panels import (
     history_info,
     importance_figure,
     importance_info,
+    knobs_figure,
+    knobs_height,
+    lineage_figure,
+    lineage_info,
     parallel_figure,
     parallel_info,
     slice_figure,
@@ -71,6 +76,17 @@ def stages_text(data: StudyData) -> str:
     return "; ".join(parts)
 
 
+def population_text(data: StudyData) -> str:
+    """A population-based study in one line: members, segments, exploits and the winner ("" otherwise)."""
+    lin = pbt_lineage(data.frozen)
+    if lin is None:
+        return ""
+    w = lin.winner
+    return (f"{len(lin.members)} members, {len(lin.segments)} segments, {len(lin.exploits)} exploit events; "
+            + (f"winner trial {w.number} (member {w.member}, {acc(w.value)}), lineage "
+               + " → ".join(str(s.number) for s in lin.chain) if w else "no member has finished its run yet"))
+
+
 def header_html(data: StudyData) -> str:
     c = data.config
     counts = ", ".join(f"{v} {k}" for k, v in data.counts.items() if v) or "none"
@@ -91,6 +107,9 @@ def header_html(data: StudyData) -> str:
     stages = stages_text(data)
     if stages:
         rows.append(("stages", stages))
+    population = population_text(data)
+    if population:
+        rows.append(("population", population))
     table = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<h1>Study {html.escape(data.name)}</h1><table class='meta'>{table}</table>"
 
@@ -111,6 +130,15 @@ def report_sections(data: StudyData, top: int = 10) -> list[Section]:
     add("Learning curves", "Validation accuracy per epoch (the values reported to the pruner). Pruned trials are "
         "dashed, diverged ones dotted red with an x where the loss blew up, failed ones grey.",
         curves_info(data), curves_figure, height=460)
+    pbt = lineage_info(data)
+    if pbt.lineage is not None:  # a population-based study: its lineage and its knobs over epochs
+        add("PBT lineage", "Population-based training: one marker per segment at the epoch it ended, one row per "
+            "member. A line joins each segment to the segment whose checkpoint it started from: grey from its own "
+            "member, orange dashed where it copied a better member (exploit, then explore). The winner's lineage "
+            "is the dark band, its segments the black diamonds.", pbt, lineage_figure,
+            height=max(320, 120 + 60 * len(pbt.lineage.members)))
+        add("PBT knobs over epochs", "Each mutable knob as it was in force from each segment's start: a faint "
+            "step line per member, and the winner's lineage in bold.", pbt, knobs_figure, height=knobs_height(pbt))
     imp = importance_info(data)
     add("Hyperparameter importances", "How much each sampled knob explains the validation accuracy of COMPLETE "
         "trials (Optuna's PED-ANOVA evaluator).", imp, importance_figure, height=360, note=imp.note)

@@ -22,6 +22,15 @@ from tuner.insight.report.panels.importance import (
     importance_figure,
     importance_info,
 )
+from tuner.insight.report.panels.lineage import (
+    KNOBS_TITLE,
+    TREE_TITLE,
+    LineageInfo,
+    knobs_figure,
+    knobs_height,
+    lineage_figure,
+    lineage_info,
+)
 from tuner.insight.report.panels.parallel import (
     PARALLEL_KNOBS,
     Dimension,
@@ -39,6 +48,7 @@ __all__ = [
     "GradInfo", "GradPoint", "grad_figure", "grad_info",
     "HistoryInfo", "history_figure", "history_info",
     "MIN_IMPORTANCE_TRIALS", "ImportanceInfo", "importance_figure", "importance_info",
+    "KNOBS_TITLE", "TREE_TITLE", "LineageInfo", "knobs_figure", "knobs_height", "lineage_figure", "lineage_info",
     "PARALLEL_KNOBS", "Dimension", "ParallelInfo", "parallel_figure", "parallel_info",
     "SLICE_KNOBS", "SliceInfo", "SliceSeries", "slice_figure", "slice_info",
     "Bar", "TimelineInfo", "timeline_figure", "timeline_info",
