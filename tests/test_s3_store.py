@@ -76,7 +76,8 @@ class FlakyClient:
         return getattr(self.client, name)
 
 
-def test_optuna_backoff_retries_a_failed_upload_from_the_start(s3: S3Bucket, tmp_path: Path) -> None:
+def test_optuna_backoff_retries_a_failed_upload_from_the_start(s3: S3Bucket, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     from tuner.storage.artifacts import S3Store
 
     flaky = FlakyClient(s3.client)
@@ -89,6 +90,9 @@ def test_optuna_backoff_retries_a_failed_upload_from_the_start(s3: S3Bucket, tmp
     assert flaky.failures == 1
     store.copy_to("checkpoint-trial-0-x.pt", tmp_path / "back.pt")
     assert (tmp_path / "back.pt").read_bytes() == source.read_bytes()  # whole: re-sent from byte 0
+    (retried,) = [r for r in caplog.records if r.name == "optuna.artifacts._backoff"]
+    line = retried.getMessage()  # one line with the reason, no traceback (Optuna attaches one)
+    assert retried.exc_info is None and s3.url in line and "ConnectionResetError" in line, line
 
 
 def test_s3_errors_become_one_line_without_the_secret_key(s3: S3Bucket) -> None:

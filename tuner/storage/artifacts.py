@@ -19,6 +19,7 @@ finished trials are deleted (`cleanup`); with keep policy `best` the best COMPLE
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -170,6 +171,8 @@ class S3Store:
 
         self.backend = Backoff(Boto3ArtifactStore(self.bucket, client=client, avoid_buf_copy=True),
                                max_retries=retries, max_delay=max_delay)
+        _RETRY_LINES.store = self
+        logging.getLogger(BACKOFF_LOGGER).addFilter(_RETRY_LINES)  # once: the same filter object
 
     def _client(self) -> Any:
         try:
@@ -291,6 +294,25 @@ class S3Store:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+BACKOFF_LOGGER = "optuna.artifacts._backoff"  # where Optuna's Backoff logs each failed try, with a traceback
+
+
+class _OneLineRetries(logging.Filter):
+    """Backoff's log record of a failed try as one line: its message and the S3Store's reason (no
+    traceback, nothing secret), not the traceback Optuna attaches."""
+
+    store: S3Store | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and self.store is not None:
+            record.msg = f"{self.store.location}: {record.getMessage()}: {self.store._reason(record.exc_info[1])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+_RETRY_LINES = _OneLineRetries()
 
 
 def _status(exc: BaseException) -> int | None:
