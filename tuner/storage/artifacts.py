@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import ConfigError, StorageError, redact
 from tuner.files import atomic_write, remove_stale_temp_files
 from tuner.storage import keys
+from tuner.storage._optuna import BACKOFF_LOGGER
 
 KEEP_POLICIES = ("none", "best")
 
@@ -294,9 +295,6 @@ class S3Store:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
-
-
-BACKOFF_LOGGER = "optuna.artifacts._backoff"  # where Optuna's Backoff logs each failed try, with a traceback
 
 
 class _OneLineRetries(logging.Filter):
