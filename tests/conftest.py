@@ -1,5 +1,6 @@
-"""Shared fixtures. Optional parts (the real CIFAR-10 subset, PostgreSQL, Chromium, docker-compose)
-skip with a reason on a user's machine; in CI, TUNER_REQUIRE_<PART>=1 turns the skip into a failure."""
+"""Shared fixtures. Optional parts (the real CIFAR-10 subset, PostgreSQL, Chromium, docker-compose,
+moto's S3 server) skip with a reason on a user's machine; in CI, TUNER_REQUIRE_<PART>=1 turns the skip
+into a failure."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,6 +104,60 @@ def _wait_for_server(engine, seconds: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+S3_KEY_ID = "AKIATUNERTESTKEY0001"  # fake credentials: moto accepts any
+S3_SECRET = "tuner-test-secret-key-d0-n0t-print"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A local S3 server on loopback (moto's server mode, in a thread of this process) for the whole
+    session: its endpoint URL. Skips (fails under TUNER_REQUIRE_S3=1) when moto is not installed."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        need("s3", f"moto's S3 server not installed ({exc}; pip install -e '.[test]')")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    endpoint: str
+    bucket: str
+    url: str  # s3://bucket/prefix, for --artifact-store
+    prefix: str
+    client: Any  # a boto3 S3 client
+
+    def keys(self) -> list[str]:
+        return [o["Key"] for o in self.client.list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Bucket:
+    """A fresh bucket on the session's S3 server, and fake credentials in this process's environment
+    (so in the environment of the `tuner` processes a test starts): the standard AWS variables, and no
+    credentials or config file of the user's."""
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "TUNER_ARTIFACT_STORE",
+                 "TUNER_ARTIFACT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": s3_server,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+           "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"), "AWS_EC2_METADATA_DISABLED": "true"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"tuner-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    return S3Bucket(s3_server, bucket, f"s3://{bucket}/runs/a", "runs/a", client)
 
 
 @pytest.fixture(scope="session")

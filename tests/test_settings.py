@@ -73,6 +73,12 @@ TABLE: dict[str, list[Src]] = {
         Src("env", Path("/env/store"), env={"TUNER_ARTIFACT_DIR": "/env/store"}),
         Src("default", Path("tuner.db.artifacts")),  # beside the default SQLite file
     ],
+    "artifact_store": [
+        Src("flag", "s3://flag-bucket/runs", {"artifact_store": "s3://flag-bucket/runs/"},
+            ["--artifact-store", "s3://flag-bucket/runs/"]),
+        Src("env", "s3://env-bucket", env={"TUNER_ARTIFACT_STORE": "s3://env-bucket"}),
+        Src("default", None),  # the folder
+    ],
     "checkpoint_every": [
         Src("flag", 5.0, {"checkpoint_every": 5.0}, ["--checkpoint-every", "5"]),
         Src("env", 9.0, env={"TUNER_CHECKPOINT_EVERY": "9"}),
@@ -307,6 +313,10 @@ BAD = [
     ([], {"TUNER_DB_RETRY_SECONDS": "-5"}, "TUNER_DB_RETRY_SECONDS"),
     ([], {"TUNER_CHECKPOINT_EVERY": "soon"}, "TUNER_CHECKPOINT_EVERY"),
     ([], {"TUNER_STORAGE_PASSWORD_FILE": "no-such-secret"}, "TUNER_STORAGE_PASSWORD_FILE"),
+    (["--artifact-store", "s3://bucket", "--artifact-dir", "ck"], {}, "--artifact-store"),
+    (["--artifact-store", "s3://key:secret@bucket"], {}, "--artifact-store"),
+    ([], {"TUNER_ARTIFACT_STORE": "gs://bucket"}, "TUNER_ARTIFACT_STORE"),
+    ([], {"TUNER_ARTIFACT_STORE": "s3://bucket", "TUNER_ARTIFACT_DIR": "ck"}, "TUNER_ARTIFACT_STORE"),
 ]
 
 

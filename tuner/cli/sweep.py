@@ -37,6 +37,11 @@ ArtifactDirOpt = Annotated[Path | None, typer.Option(
     "--artifact-dir", show_default=False,
     help="Checkpoint artifact store [env TUNER_ARTIFACT_DIR; default: <db>.artifacts beside a SQLite "
          "database, else ./tuner-artifacts].")]
+ArtifactStoreOpt = Annotated[str | None, typer.Option(
+    "--artifact-store", show_default=False, metavar="s3://BUCKET/PREFIX",
+    help="Keep checkpoints in an S3 bucket instead of a folder, so workers share only the database and "
+         "the bucket; credentials from the AWS variables or credentials file [env TUNER_ARTIFACT_STORE; "
+         "not with --artifact-dir].")]
 KeepOpt = Annotated[str | None, typer.Option(
     "--keep-checkpoints", help="Checkpoints of finished trials: none (delete) or best (keep the best "
                                "trial's) [default: the study's policy, else none].")]
@@ -198,6 +203,7 @@ def sweep_command(
     data_dir: DataDirOpt = None,
     heartbeat_interval: HeartbeatOpt = None,
     artifact_dir: ArtifactDirOpt = None,
+    artifact_store: ArtifactStoreOpt = None,
     keep_checkpoints: KeepOpt = None,
     checkpoint_every: EveryOpt = None,
     pack: PackOpt = None,
@@ -222,8 +228,9 @@ def sweep_command(
         if value is not None and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", key=flag)
     flags = settings.Flags(storage=storage, data_dir=data_dir, artifact_dir=artifact_dir,
-                           checkpoint_every=checkpoint_every, device=device, timeout=timeout,
-                           heartbeat_interval=heartbeat_interval, keep_checkpoints=keep_checkpoints, pack=pack)
+                           artifact_store=artifact_store, checkpoint_every=checkpoint_every, device=device,
+                           timeout=timeout, heartbeat_interval=heartbeat_interval,
+                           keep_checkpoints=keep_checkpoints, pack=pack)
     edge = settings.resolve(flags)  # flags and environment checked (exit 2) before the file is read
     warmstart.check_top(warm_top)
     warm = None
@@ -310,6 +317,7 @@ def worker_command(
     worker_index: Annotated[int | None, typer.Option("--worker-index", hidden=True)] = None,
     workers_per_gpu: WorkersPerGpuOpt = None,
     artifact_dir: ArtifactDirOpt = None,
+    artifact_store: ArtifactStoreOpt = None,
     keep_checkpoints: KeepOpt = None,
     checkpoint_every: EveryOpt = None,
     pack: PackOpt = None,
@@ -327,9 +335,9 @@ def worker_command(
         raise ConfigError(f"must be >= 1, got {workers_per_gpu}", key="--workers-per-gpu")
     # a local worker process of `tuner sweep --workers N`: its parent's settings, resolved (child_env)
     resolved = settings.inherited() or settings.resolve(settings.Flags(
-        storage=storage, data_dir=data_dir, artifact_dir=artifact_dir, checkpoint_every=checkpoint_every,
-        device=device, timeout=timeout, heartbeat_interval=heartbeat_interval, keep_checkpoints=keep_checkpoints,
-        pack=pack, worker_index=worker_index))
+        storage=storage, data_dir=data_dir, artifact_dir=artifact_dir, artifact_store=artifact_store,
+        checkpoint_every=checkpoint_every, device=device, timeout=timeout, heartbeat_interval=heartbeat_interval,
+        keep_checkpoints=keep_checkpoints, pack=pack, worker_index=worker_index))
     if debug or settings.debug_env():
         err_console.print(f"worker settings: {resolved.describe()}", highlight=False, markup=False, soft_wrap=True)
     progress = SweepProgress(None, quiet=quiet, bar=False)  # workers print plain lines

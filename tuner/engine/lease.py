@@ -67,7 +67,7 @@ from tuner.engine.gate import Gate
 from tuner.engine.stages import fixed_of, next_stage, over_quota
 from tuner.storage import keys
 from tuner.storage._optuna import trial_id as _trial_id
-from tuner.storage.artifacts import CheckpointStore, cleanup, resume_point
+from tuner.storage.artifacts import CheckpointBackend, cleanup, open_store, resume_point
 from tuner.storage.database import Retry, open_storage, require_study
 from tuner.study.config import StudyConfig, config_from_stored
 from tuner.study.registry import build_pruner, build_sampler
@@ -132,7 +132,7 @@ class LeaseManager:
 
     def __init__(self, *, study_name: str, study_id: int, config: StudyConfig, settings: Settings, storage: Any,
                  retry: Retry, gate: Gate, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
-                 store: CheckpointStore, env: dict[str, str], stop: StopController,
+                 store: CheckpointBackend, env: dict[str, str], stop: StopController,
                  on_trial: OnTrial | None) -> None:
         self.study_name = study_name
         self.study_id = study_id
@@ -396,7 +396,7 @@ class LeaseManager:
             cleanup(self.store, trials, self.settings.keep_checkpoints, self.settings.max_retry,
                     also=pbt.needed_checkpoints(self.config, trials))
         except OSError as exc:
-            print(f"warning: checkpoint cleanup in {self.store.base_path}: {exc}", file=sys.stderr)
+            print(f"warning: checkpoint cleanup in {self.store.location}: {exc}", file=sys.stderr)
 
 
 def open_lease_manager(settings: Settings, study_name: str, stop: StopController, env: dict[str, str],
@@ -423,7 +423,7 @@ def open_lease_manager(settings: Settings, study_name: str, stop: StopController
     return LeaseManager(
         study_name=study_name, study_id=study_id, config=config, settings=s, storage=storage,
         retry=Retry(url.shown, s.retry_seconds), gate=Gate(url, study_id), study=study, sampler=sampler,
-        store=CheckpointStore(s.artifact_dir), env=env, stop=stop, on_trial=on_trial)
+        store=open_store(s.artifact_dir, s.artifact_store), env=env, stop=stop, on_trial=on_trial)
 
 
 __all__ = ["Heartbeat", "Lease", "LeaseManager", "open_lease_manager"]

@@ -187,7 +187,7 @@ class TrialRunner:
             store.copy_to(ck["artifact_id"], path)
             return path, load_checkpoint(path, params)
         except (OSError, ValueError) as exc:
-            why = f"not found in {store.base_path} ({type(exc).__name__})"
+            why = f"not found in {store.location} ({type(exc).__name__})"
         except CheckpointError as exc:
             why = f"unusable ({exc})"
         print(f"warning: trial {self.number}: checkpoint of trial {pred} {why}; starting from epoch 0",

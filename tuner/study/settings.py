@@ -18,6 +18,7 @@ environment (`TUNER_WORKER_SETTINGS`, with the storage URL and its password, nev
 | SQLite write-ahead log | | `TUNER_SQLITE_WAL` (0 turns it off) | | | on |
 | data dir (cifar10, cifar100) | `--data-dir` (`data_dir=`) | `TUNER_DATA_DIR` | | | `$XDG_CACHE_HOME/tuner/data` |
 | checkpoint store | `--artifact-dir` | `TUNER_ARTIFACT_DIR` | | | beside a SQLite file, else `./tuner-artifacts` |
+| checkpoint store in S3 | `--artifact-store s3://BUCKET/PREFIX` | `TUNER_ARTIFACT_STORE` | | | none (the folder) |
 | checkpoint interval | `--checkpoint-every` | `TUNER_CHECKPOINT_EVERY` | | | 60 s |
 | device | `--device` (`device=`) | | | | auto |
 | sampler seed offset | `--worker-index` (hidden) | | | | random (a standalone worker) |
@@ -29,7 +30,11 @@ environment (`TUNER_WORKER_SETTINGS`, with the storage URL and its password, nev
 | trials per pack | `--pack` (K or auto) | | `training.pack` | the stored config's | auto (1 on a CPU) |
 | local workers' GPUs | `--device cuda:N` | `CUDA_VISIBLE_DEVICES` | | | `nvidia-smi -L`, else torch |
 
-The password file is `TUNER_STORAGE_PASSWORD_FILE` (a Docker secret: the URL's password). Without
+The password file is `TUNER_STORAGE_PASSWORD_FILE` (a Docker secret: the URL's password). An S3
+checkpoint store replaces the folder: `--artifact-store` and `--artifact-dir` together exit 2, as do
+both variables; a flag beats the other's variable. Its credentials are boto3's (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, or AWS_SHARED_CREDENTIALS_FILE /
+AWS_PROFILE), never part of the URL or the settings. Without
 `XDG_CACHE_HOME` the data dir is `~/.cache/tuner/data`. The storage URL counts a study file's
 `storage:` where a study file is read (`tuner sweep`, `tuner.tune`); a worker reads its study from
 the storage it was given. The study-derived settings (timeout to trials per pack) are None until a
@@ -47,7 +52,7 @@ from typing import Any
 
 from tuner.errors import ConfigError
 from tuner.storage import keys
-from tuner.storage.artifacts import check_keep
+from tuner.storage.artifacts import check_keep, parse_s3_url
 from tuner.storage.database import DEFAULT_RETRY_SECONDS, DEFAULT_STORAGE, StorageURL
 from tuner.study.config import Heartbeat, StudyConfig
 from tuner.study.params import parse_pack
@@ -57,7 +62,7 @@ DEFAULT_ARTIFACT_DIR = "tuner-artifacts"
 SETTINGS_ENV = "TUNER_WORKER_SETTINGS"  # a local worker process's settings, resolved by its parent (JSON)
 # what a local worker process gets resolved in SETTINGS_ENV, so not again from its environment
 SETTING_VARS = ("TUNER_STORAGE_PASSWORD_FILE", "TUNER_DB_RETRY_SECONDS", "TUNER_SQLITE_WAL", "TUNER_DATA_DIR",
-                "TUNER_ARTIFACT_DIR", "TUNER_CHECKPOINT_EVERY", SETTINGS_ENV)
+                "TUNER_ARTIFACT_DIR", "TUNER_ARTIFACT_STORE", "TUNER_CHECKPOINT_EVERY", SETTINGS_ENV)
 
 
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -116,6 +121,23 @@ def artifact_dir(flag: str | Path | None, url: StorageURL, env: Mapping[str, str
     return Path(DEFAULT_ARTIFACT_DIR)
 
 
+def artifact_store(flag: str | None, dir_flag: str | Path | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The S3 checkpoint store `s3://bucket[/prefix]` (normalized), or None for the folder: flag, env
+    TUNER_ARTIFACT_STORE unless `--artifact-dir` is given. Both flags, or both variables: ConfigError."""
+    e = _env(env)
+    if flag and dir_flag:
+        raise ConfigError("cannot be combined with --artifact-dir (one checkpoint store)", key="--artifact-store")
+    if dir_flag:
+        return None
+    chosen, key = (flag, "--artifact-store") if flag else (e.get("TUNER_ARTIFACT_STORE"), "TUNER_ARTIFACT_STORE")
+    if not chosen:
+        return None
+    if not flag and e.get("TUNER_ARTIFACT_DIR"):
+        raise ConfigError("cannot be combined with TUNER_ARTIFACT_DIR (one checkpoint store)", key=key)
+    bucket, prefix = parse_s3_url(chosen, key)
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+
 def sqlite_wal(env: Mapping[str, str] | None = None) -> bool:
     return _env(env).get("TUNER_SQLITE_WAL", "1").strip() != "0"
 
@@ -154,6 +176,7 @@ class Flags:
     storage: str | None = field(default=None, repr=False)  # may hold a password
     data_dir: str | Path | None = None
     artifact_dir: str | Path | None = None
+    artifact_store: str | None = None
     checkpoint_every: float | None = None
     device: str | None = None
     timeout: float | None = None
@@ -174,6 +197,7 @@ class Settings:
     sqlite_wal: bool = True
     data_dir: Path = field(default_factory=lambda: data_dir(None, {}))
     artifact_dir: Path = Path(DEFAULT_ARTIFACT_DIR)
+    artifact_store: str | None = None  # s3://bucket/prefix: checkpoints there, not in artifact_dir
     checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY
     device: str = "auto"
     worker_index: int | None = None  # seeds the sampler; None: a random offset (standalone workers)
@@ -215,7 +239,7 @@ class Settings:
         out = asdict(self)
         out["storage"] = self.storage.url
         out["given"] = {**asdict(replace(self.given, storage=None)),
-                        "data_dir": None, "artifact_dir": None}  # resolved already
+                        "data_dir": None, "artifact_dir": None, "artifact_store": None}  # resolved already
         for name in ("data_dir", "artifact_dir"):
             out[name] = str(getattr(self, name))
         return json.dumps(out)
@@ -249,6 +273,7 @@ def resolve(flags: Flags | None = None, env: Mapping[str, str] | None = None, st
     out = Settings(storage=url, retry_seconds=retry_seconds(e), sqlite_wal=sqlite_wal(e),
                    data_dir=data_dir(given.data_dir, e).expanduser(),
                    artifact_dir=artifact_dir(given.artifact_dir, url, e),
+                   artifact_store=artifact_store(given.artifact_store, given.artifact_dir, e),
                    checkpoint_every=checkpoint_every(given.checkpoint_every, e), device=given.device or "auto",
                    worker_index=given.worker_index, given=replace(given, storage=None))
     return out.with_study(study, attrs)
