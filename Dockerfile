@@ -17,7 +17,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY tuner ./tuner
-RUN pip install ".[postgres]"
+RUN pip install ".[postgres,s3]"
 COPY studies ./studies
 
 # Run as an unprivileged user; the volumes' mount points belong to it.

@@ -28,9 +28,6 @@ KUBE = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATIONS = ["base", "overlays/cpu", "overlays/external-database"]
 # The oldest Kubernetes these manifests are meant for, and kubernetes-validate's newest schemas.
 KUBE_VERSIONS = ["1.30.0", None]
-# TUNER_* variables the manifests set that a separate change to tuner adds (object storage for
-# checkpoints); test_pending_settings_are_read_by_tuner turns from xfail to pass once it lands.
-PENDING = {"TUNER_ARTIFACT_STORE"}
 SECRETS = {"tuner-db", "tuner-s3"}  # created with `kubectl create secret`, never part of the manifests
 
 
@@ -221,14 +218,8 @@ def test_credentials_only_by_reference(path):
 def test_every_tuner_variable_the_pods_set_is_one_tuner_reads(path):
     docs = render(path)
     for c in tuner_containers(docs):
-        unknown = {n for n in env_names(c, docs) if n.startswith("TUNER_")} - tuner_reads() - PENDING
+        unknown = {n for n in env_names(c, docs) if n.startswith("TUNER_")} - tuner_reads()
         assert not unknown, f"{c['name']}: tuner reads no {sorted(unknown)}"
-
-
-def test_pending_settings_are_read_by_tuner():
-    missing = PENDING - tuner_reads()
-    if missing:
-        pytest.xfail(f"tuner does not read {sorted(missing)} yet (the object-storage change adds it)")
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
@@ -368,7 +359,7 @@ def test_sbatch_runs_the_worker_with_the_config(slurm):
     assert env["TUNER_STORAGE_PASSWORD_FILE"] == f"{env['HOME']}/.config/tuner/pg_password"
     assert env["TUNER_ARTIFACT_STORE"] == "s3://tuner-checkpoints/studies"
     assert env["OMP_NUM_THREADS"] == "8"
-    unknown = {n for n in env if n.startswith("TUNER_")} - tuner_reads() - PENDING
+    unknown = {n for n in env if n.startswith("TUNER_")} - tuner_reads()
     assert not unknown, f"tuner reads no {sorted(unknown)}"
     assert not (log / "scontrol.args").exists(), "the study is done: no requeue"
 
