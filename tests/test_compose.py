@@ -111,7 +111,7 @@ def test_docker_compose_config_validates():
 def test_dockerfile():
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("#") and "\nFROM python:3" in text
-    assert '".[postgres]"' in text and "\nUSER " in text and "COPY studies" in text
+    assert '".[postgres,s3]"' in text and "\nUSER " in text and "COPY studies" in text
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
