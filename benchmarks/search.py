@@ -43,7 +43,7 @@ layout runs anywhere. Arguments are checked before the data.
 
 Quick mode (`--quick`): 12 trials of 3 epochs, 3 seeds (about 15 minutes on 2 idle cores).
 Full mode: 24 trials of 4 epochs, 5 seeds. `--smoke` is for the test suite: synthetic data, 1 seed,
-a few 1-epoch trials; its figures mean nothing.
+a few 2-epoch trials; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Mode:
 
 def modes(dataset: str) -> dict[str, Mode]:
     return {"quick": Mode(12, 3, 3, 4, dataset), "full": Mode(24, 4, 5, 5, dataset),
-            "smoke": Mode(4, 1, 1, 2, "synthetic")}
+            "smoke": Mode(4, 2, 1, 2, "synthetic")}
 
 
 def stages_for(trials: int) -> list[dict[str, Any]]:
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="12 trials × 3 epochs, 3 seeds (the default is full)")
-    ap.add_argument("--smoke", action="store_true", help="a few 1-epoch trials on synthetic data (for tests)")
+    ap.add_argument("--smoke", action="store_true", help="a few 2-epoch trials on synthetic data (for tests)")
     ap.add_argument("--seeds", type=int, default=None, help="sampler seeds per strategy")
     ap.add_argument("--only", default=None, help="comma-separated strategies")
     ap.add_argument("--dataset", default=None,
