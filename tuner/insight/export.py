@@ -61,25 +61,13 @@ def choose_best_of(all_trials: list[FrozenTrial], attrs: dict[str, Any],
     return best, block
 
 
-def _last_epoch(trial: FrozenTrial) -> int | None:
-    span = trial.user_attrs.get(keys.PBT_EPOCHS)
-    return int(span[1]) if isinstance(span, list) and len(span) == 2 else None
-
-
-def _epochs(trial: FrozenTrial) -> int | None:
-    params = trial.user_attrs.get(keys.PARAMS)
-    training = params.get("training") if isinstance(params, dict) else None
-    return int(training["epochs"]) if isinstance(training, dict) and "epochs" in training else None
-
-
 def _best_segment(trials: list[FrozenTrial], block: dict[str, Any],
                   name: str) -> tuple[FrozenTrial, dict[str, Any]]:
     """A population-based study's winner: the best COMPLETE segment that ends its member's run."""
-    last = [t for t in trials if keys.is_segment(t) and _last_epoch(t) is not None and _last_epoch(t) == _epochs(t)]
-    if not last:
+    best = keys.pbt_winner(trials)
+    if best is None:
         raise TunerError(f"study {name!r} is population-based and no member has completed its run yet "
                          "(no COMPLETE last segment to export)")
-    best = last[0]  # `trials` is best first
     block.update(trial=best.number, member=int(best.user_attrs[keys.PBT_MEMBER]), value=float(best.value),  # type: ignore[arg-type]
                  selected_by="best last segment of a population-based run (its lineage, as intervals)")
     return best, block

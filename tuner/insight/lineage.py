@@ -44,12 +44,6 @@ class Segment:
     last: int  # the last epoch it trained (inclusive)
     value: float | None  # the val accuracy at its end (COMPLETE segments only)
     state: str  # complete, pruned, failed, running, waiting
-    run_epochs: int | None  # the whole run's epochs (params' training.epochs), None if unknown
-
-    @property
-    def ends_run(self) -> bool:
-        """The member's last segment: it trains up to the run's last epoch."""
-        return self.run_epochs is not None and self.last == self.run_epochs
 
 
 @dataclass(frozen=True)
@@ -87,13 +81,6 @@ def _epochs(t: FrozenTrial) -> tuple[int, int]:
     return 0, 0
 
 
-def _run_epochs(t: FrozenTrial) -> int | None:
-    params = t.user_attrs.get(keys.PARAMS)
-    training = params.get("training") if isinstance(params, dict) else None
-    epochs = training.get("epochs") if isinstance(training, dict) else None
-    return int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else None
-
-
 def segment_of(t: FrozenTrial) -> Segment:
     first, last = _epochs(t)
     knobs = t.user_attrs.get(keys.PBT_KNOBS)
@@ -101,8 +88,7 @@ def segment_of(t: FrozenTrial) -> Segment:
     return Segment(number=t.number, member=int(t.user_attrs[keys.PBT_MEMBER]),
                    generation=int(t.user_attrs.get(keys.PBT_GENERATION) or 0), parent=keys.parent(t),
                    exploit=bool(t.user_attrs.get(keys.PBT_EXPLOIT)), knobs=dict(knobs) if isinstance(knobs, dict)
-                   else {}, first=first, last=last, value=value, state=_STATES.get(t.state, t.state.name.lower()),
-                   run_epochs=_run_epochs(t))
+                   else {}, first=first, last=last, value=value, state=_STATES.get(t.state, t.state.name.lower()))
 
 
 def ordered_knobs(names: Iterable[str]) -> list[str]:
@@ -119,7 +105,8 @@ def pbt_lineage(trials: Iterable[FrozenTrial]) -> Lineage | None:
     segments = [segment_of(t) for t in live]
     by_number = {s.number: s for s in segments}
     frozen = {t.number: t for t in live}
-    winner = next((by_number[t.number] for t in keys.completed(live) if by_number[t.number].ends_run), None)
+    best = keys.pbt_winner(live)
+    winner = by_number[best.number] if best is not None else None
     chain = [by_number[t.number] for t in keys.lineage(frozen[winner.number], frozen)] if winner else []
     exploits = []
     for s in segments:

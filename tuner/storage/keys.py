@@ -126,6 +126,20 @@ def lineage(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> list[Froze
     return chain[::-1]
 
 
+def ends_run(trial: FrozenTrial) -> bool:
+    """A PBT segment that is its member's last: it trained up to the run's `training.epochs`."""
+    span = trial.user_attrs.get(PBT_EPOCHS)
+    params = trial.user_attrs.get(PARAMS)
+    training = params.get("training") if isinstance(params, dict) else None
+    return (isinstance(span, list) and len(span) == 2 and isinstance(training, dict)
+            and span[1] == training.get("epochs"))
+
+
+def pbt_winner(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """A population-based study's winner: its best COMPLETE segment that ends its member's run."""
+    return next((t for t in completed(segments(trials)) if ends_run(t)), None)
+
+
 def superseded(trials: Iterable[FrozenTrial]) -> set[int]:
     """Numbers of trials replaced by a retry copy (the copy counts, the trial it replaces not)."""
     return {h[-1] for h in map(history, trials) if h}
