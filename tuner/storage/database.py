@@ -17,6 +17,8 @@ run under the budget gate, which re-reads the study before it tries again (see g
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import random
 import time
 import warnings
@@ -133,20 +135,64 @@ def open_storage(url: str | StorageURL, *, must_exist: bool = False, heartbeat_i
     if target.url in _CHECKED:
         kwargs["skip_compatibility_check"] = True  # a public RDBStorage argument
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), schema_lock(target):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(target.url, engine_kwargs=target.engine_kwargs(), **kwargs)
     except ModuleNotFoundError as exc:
         raise StorageError(f"storage {target.shown}: driver {exc.name!r} is not installed "
                            "(pip install 'tuner[postgres]' for PostgreSQL)") from None
     except Exception as exc:  # noqa: BLE001 - OperationalError and friends: unreachable or refused
-        raise StorageError(f"storage {target.shown} is unreachable: {reason(exc)}") from None
+        what = "is unreachable" if is_transient(exc) else "could not be opened"  # a schema or permission problem
+        raise StorageError(f"storage {target.shown} {what}: {reason(exc)}") from None
     _CHECKED.add(target.url)
     if wal and target.sqlite_file is not None:
         sa.event.listen(storage.engine, "connect", _wal_pragmas)
         storage.engine.dispose()  # the connections that created the tables predate the listener
     _ENGINES.add(storage.engine)
     return storage
+
+
+SCHEMA_LOCK = (0x74756E65, 0)  # PostgreSQL advisory lock keys: 'tune', 0 (the gate uses 'tune', study id >= 1)
+
+
+@contextlib.contextmanager
+def schema_lock(target: StorageURL) -> Iterator[None]:
+    """Serialize Optuna's table creation (`RDBStorage(...)` on a fresh database) across processes and
+    hosts: processes started together on an empty database otherwise race on `CREATE TABLE` and
+    the schema's version row (SQLite: "table studies already exists"; PostgreSQL: a duplicate key in
+    pg_type). SQLite: `flock` on the database's folder (no new file beside the database); PostgreSQL:
+    an advisory lock; MySQL: GET_LOCK. Each dies with its process or connection. A database that
+    cannot be reached raises here, as opening it would."""
+    if target.backend == "sqlite":
+        folder = (target.sqlite_file.parent if target.sqlite_file is not None else None)
+        if folder is None or not folder.is_dir():
+            yield  # in memory, or a folder that does not exist (RDBStorage reports that)
+            return
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+        return
+    engine = sa.create_engine(target.url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if target.backend == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_lock(:a, :b)"), {"a": SCHEMA_LOCK[0], "b": SCHEMA_LOCK[1]})
+            else:
+                conn.execute(sa.text("SELECT GET_LOCK('tuner-schema', -1)"))
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a dead connection has released it already
+                    if target.backend == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"),
+                                     {"a": SCHEMA_LOCK[0], "b": SCHEMA_LOCK[1]})
+                    else:
+                        conn.execute(sa.text("SELECT RELEASE_LOCK('tuner-schema')"))
+    finally:
+        engine.dispose()
 
 
 def _wal_pragmas(dbapi_connection: Any, _record: Any) -> None:
