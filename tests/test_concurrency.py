@@ -75,3 +75,14 @@ def _fresh_pg(request) -> str:
 
     request.addfinalizer(drop)
     return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_url_is_refused_before_anything_runs(tmp_path, capsys, url):
+    from conftest import cli_main
+
+    path = study_file(tmp_path, n_trials=2, epochs=1)
+    code, out, err = cli_main(capsys, "sweep", str(path), "--storage", url)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "in-memory SQLite" in lines[0] and "sqlite:///" in lines[0], err
+    assert out == ""  # not even the sweep's first line

@@ -71,6 +71,9 @@ class StorageURL:
                               f"(valid: {', '.join(DIALECTS)}, e.g. sqlite:///tuner.db, postgresql+psycopg://...)")
         db = parsed.database
         sqlite_file = Path(db) if backend == "sqlite" and db not in (None, "", ":memory:") else None
+        if backend == "sqlite" and sqlite_file is None:
+            raise ConfigError(f"storage URL {redact(url)!r} is an in-memory SQLite database: every open (each "
+                              "command, worker and check) gets a new, empty one; use a file, e.g. sqlite:///tuner.db")
         return cls(url=url, backend=backend, sqlite_file=sqlite_file)
 
     @property
