@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from sweeps import study_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -86,3 +85,120 @@ def test_an_in_memory_sqlite_url_is_refused_before_anything_runs(tmp_path, capsy
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "in-memory SQLite" in lines[0] and "sqlite:///" in lines[0], err
     assert out == ""  # not even the sweep's first line
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed heartbeat settings: the grace period is the study's
+# ---------------------------------------------------------------------------------------------
+
+def _worker(tmp_path: Path, url: str, *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "tuner", "worker", "--study-name", "small", "--storage", url,
+                             "--device", "cpu", *flags], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", ["default-beside-fast", "study-fast-beside-slow"])
+def test_workers_with_different_heartbeats_never_fail_each_others_trials(tmp_path, case):
+    """A: a worker beating every 60 s (the default) beside one started with --heartbeat-interval 1,
+    which by its own rule would judge a trial stale after 2 s. B: a study with heartbeat {interval 1,
+    grace_period 2} and a worker started with --heartbeat-interval 30 beside one that follows the
+    study. Trials last several seconds; every trial must complete, none failed or retried."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuner.engine.sweep import prepare_study
+    from tuner.storage import keys
+    from tuner.study.config import load_study_file
+
+    beat = {"heartbeat": {"interval": 1, "grace_period": 2}} if case == "study-fast-beside-slow" else {}
+    path = study_file(tmp_path, n_trials=6, epochs=8, dataset="synthetic:4000", pruner="none", sampler="random",
+                      space={"lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}, **beat)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    prepare_study(load_study_file(path), url, None).engine.dispose()
+    slow, fast = (["--heartbeat-interval", "30"], []) if beat else ([], ["--heartbeat-interval", "1"])
+    procs = [_worker(tmp_path, url, *slow), _worker(tmp_path, url, *fast)]
+    errs = [p.communicate(timeout=500)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    trials = optuna.load_study(study_name="small", storage=url).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, [(t.number, t.state.name) for t in trials]
+    assert all(t.user_attrs.get("seconds", 0) > 2.5 for t in trials)  # longer than the fast worker's own grace
+    assert all(not keys.history(t) for t in trials)
+    grace = optuna.load_study(study_name="small", storage=url).user_attrs[keys.GRACE]
+    assert grace == 120 if not beat else grace == 60  # twice the slowest worker's interval
+
+
+# ---------------------------------------------------------------------------------------------
+# Two sweeps on one study sample apart
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_two_sweeps_on_one_study_sample_different_configs(tmp_path, pg_url):
+    import optuna
+
+    from tuner.engine.sweep import prepare_study
+    from tuner.study.config import load_study_file
+
+    path = study_file(tmp_path, n_trials=8, epochs=1, pruner="none", sampler="random")
+    prepare_study(load_study_file(path), pg_url, None).engine.dispose()
+    cmd = [sys.executable, "-m", "tuner", "sweep", str(path), "--storage", pg_url, "--device", "cpu"]
+    runs = _together([cmd, cmd], tmp_path)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    trials = optuna.load_study(study_name="small", storage=pg_url).get_trials(deepcopy=False)
+    assert len(trials) == 8
+    lrs = [t.params["lr"] for t in trials]
+    assert len(set(lrs)) == len(lrs), sorted(lrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm starts under the budget gate
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_concurrent_warm_starts_queue_each_config_once(tmp_path, monkeypatch):
+    """Two warm starts of one new study at once, with a 1 s pause injected between reading the study
+    and queuing: the configs are queued once, and the study stays within n_trials."""
+    import threading
+    import time
+
+    import optuna
+
+    from tuner.engine import warmstart
+    from tuner.engine.sweep import prepare_study
+    from tuner.storage import keys
+    from tuner.study.config import load_study_file
+
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    src = optuna.create_study(study_name="src", storage=source, direction="maximize")
+    for i in range(4):
+        src.add_trial(optuna.trial.create_trial(params={"lr": 10 ** (-3 + i / 2)}, value=0.1 * i,
+                                                distributions={"lr": optuna.distributions.FloatDistribution(
+                                                    1e-4, 1.0, log=True)}))
+    config = load_study_file(study_file(tmp_path, n_trials=6, epochs=1))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    prepare_study(config, url, None).engine.dispose()  # the study exists, with no trial yet
+    real = warmstart.choose
+
+    def slow_choose(*args, **kwargs):
+        time.sleep(1.0)  # both warm starts have read "not warm-started, no trials" by now
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "choose", slow_choose)
+    errors: list[BaseException] = []
+
+    def warm() -> None:
+        try:
+            ws = warmstart.WarmStart([f"{source}#src"], 3)
+            prepare_study(config, url, None, warm_start=ws).engine.dispose()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=warm) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    trials = optuna.load_study(study_name="small", storage=url).get_trials(deepcopy=False)
+    assert len(trials) == 3, [(t.number, t.params) for t in trials]
+    assert keys.budget_used(trials) <= 6

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import random
 import sys
 import threading
 import time
@@ -148,6 +147,7 @@ class LeaseManager:
         self.stop = stop
         self.on_trial = on_trial
         self.heartbeat = Heartbeat(storage, settings.heartbeat_interval)
+        self.grace = int(storage.grace_period or settings.grace_period)  # the study's (see _join)
         self.told = 0  # trials this worker ran to their tell
         self.stale_checked = float("-inf")  # time.monotonic() of the last fail_stale_trials in a lease
 
@@ -186,6 +186,7 @@ class LeaseManager:
         if time.monotonic() - self.stale_checked >= self.settings.heartbeat_interval:
             # a trial goes stale only after the grace period (>= one heartbeat interval), so a check per
             # interval finds it at most one interval late; one per lease was a query per trial
+            self.refresh_grace()
             optuna.storages.fail_stale_trials(self.study)
             self.stale_checked = time.monotonic()
         trials = self.reconcile(self.trials())
@@ -252,6 +253,13 @@ class LeaseManager:
         end = int(span[1])
         return end if end < self.config.training.epochs else None
 
+    def refresh_grace(self) -> None:
+        """The study's grace period as it stands now: a worker that joined since may have raised it."""
+        grace = self.retry(lambda: self.storage.get_study_user_attrs(self.study_id)).get(keys.GRACE)
+        if isinstance(grace, int) and not isinstance(grace, bool) and grace > 0:
+            self.grace = grace
+            self.storage.grace_period = grace  # RDBStorage's public attribute, read by fail_stale_trials
+
     def has_room(self, trials: list[FrozenTrial]) -> bool:
         """The budget has room for another trial (in a staged study, a stage is not full; in a
         population-based one, a segment can start now)."""
@@ -274,7 +282,7 @@ class LeaseManager:
         changed = False
         seen: dict[str, int] = {}
         now = datetime.now()
-        grace = timedelta(seconds=self.settings.grace_period)
+        grace = timedelta(seconds=self.grace)
         gone = keys.superseded(trials)
         for t in sorted(trials, key=lambda t: t.number):
             token = t.system_attrs.get(keys.QUEUED)
@@ -288,6 +296,14 @@ class LeaseManager:
                     and t.datetime_start is not None and now - t.datetime_start > grace):
                 # popped, then its worker died before the first heartbeat
                 self._fail(t)
+                changed = True
+        cap = self.budget()
+        surplus = keys.budget_used(trials) - cap if cap is not None else 0
+        if surplus > 0:  # queued past the budget (configs enqueued by hand, a budget lowered): void the newest
+            extra = [t for t in sorted(trials, key=lambda t: -t.number)
+                     if t.state == TrialState.WAITING and not keys.history(t) and not t.user_attrs.get(keys.VOID)]
+            for t in extra[:surplus]:
+                self._void(t)
                 changed = True
         if changed:
             trials = self.trials()
@@ -377,6 +393,7 @@ class LeaseManager:
         or go stale and are queued again. True when there is a WAITING trial to run, or when none
         runs any more and the budget has room (the next stage may start)."""
         while not self.stop.stop_requested:
+            self.refresh_grace()
             self.retry(lambda: optuna.storages.fail_stale_trials(self.study))
             live = self.queue_retries()
             if any(t.state == TrialState.WAITING for t in live):
@@ -399,6 +416,24 @@ class LeaseManager:
             print(f"warning: checkpoint cleanup in {self.store.location}: {exc}", file=sys.stderr)
 
 
+SEED_STRIDE = 1_000_003  # sampler seed = study seed + worker index + SEED_STRIDE × (processes joined before)
+
+
+def _join(storage: Any, study_id: int, gate: Gate, s: Settings) -> tuple[int, int]:
+    """Register a worker process with the study, under the gate: (processes joined before it, the
+    study's grace period). The grace period is the study's, the same for every worker: at least the
+    configured one and twice every joined worker's heartbeat interval, so a worker that beats
+    rarely is never judged stale by one that expects beats often."""
+    with gate:
+        attrs = storage.get_study_user_attrs(study_id)
+        joined = int(attrs.get(keys.JOINED) or 0)
+        grace = max(int(attrs.get(keys.GRACE) or 0), s.grace_period, 2 * s.heartbeat_interval)
+        storage.set_study_user_attr(study_id, keys.JOINED, joined + 1)
+        if grace != attrs.get(keys.GRACE):
+            storage.set_study_user_attr(study_id, keys.GRACE, grace)
+    return joined, grace
+
+
 def open_lease_manager(settings: Settings, study_name: str, stop: StopController, env: dict[str, str],
                        on_trial: OnTrial | None = None) -> LeaseManager:
     """A complete lease manager for `study_name`: its stored config, the settings completed from it
@@ -414,7 +449,13 @@ def open_lease_manager(settings: Settings, study_name: str, stop: StopController
     storage = open_storage(url, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
                            wal=s.sqlite_wal)
     t = config.training
-    offset = s.worker_index if s.worker_index is not None else random.SystemRandom().randrange(1, 2**20)
+    gate = Gate(url, study_id)
+    retry = Retry(url.shown, s.retry_seconds)
+    joined, grace = retry(functools.partial(_join, storage, study_id, gate, s))
+    storage.grace_period = grace  # RDBStorage's public attribute: the study's rule, not this worker's
+    # every process that joins gets its own sampler seed: two sweeps or machines never sample alike,
+    # and a fresh study's first worker is reproducible (study seed + worker index)
+    offset = (s.worker_index or 0) + SEED_STRIDE * joined
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = build_sampler(config.sampler.name, config.sampler.options, t.seed + offset)
@@ -422,7 +463,7 @@ def open_lease_manager(settings: Settings, study_name: str, stop: StopController
     study = optuna.Study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
     return LeaseManager(
         study_name=study_name, study_id=study_id, config=config, settings=s, storage=storage,
-        retry=Retry(url.shown, s.retry_seconds), gate=Gate(url, study_id), study=study, sampler=sampler,
+        retry=retry, gate=gate, study=study, sampler=sampler,
         store=open_store(s.artifact_dir, s.artifact_store), env=env, stop=stop, on_trial=on_trial)
 
 

@@ -9,7 +9,6 @@ count twice: the copy counts, the trial it replaces does not.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import signal
@@ -28,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.engine import pbt
 from tuner.engine.faults import Interrupted
+from tuner.engine.gate import Gate
 from tuner.engine.stages import check_flags
 from tuner.engine.warmstart import WarmStart, enqueue, load_sources
 from tuner.errors import ConfigError, TunerError
@@ -107,13 +107,21 @@ def prepare_study(config: StudyConfig, url: str | StorageURL, n_trials: int | No
     if keep_checkpoints is not None:
         storage.set_study_user_attr(sid, keys.CHECKPOINTS, {"keep": keep_checkpoints})
     if warm_start is not None and picks is not None:
-        _warm_start(storage, sid, config, budget, warm_start, picks)
+        _warm_start(storage, target, sid, config, budget, warm_start, picks)
     return storage
 
 
-def _warm_start(storage: Any, sid: int, config: StudyConfig, budget: int | None, ws: WarmStart,
+def _warm_start(storage: Any, url: StorageURL, sid: int, config: StudyConfig, budget: int | None, ws: WarmStart,
                 picks: list[Any]) -> None:
-    enqueue(storage, sid, picks, config.space, budget, ws.labels, ws.say)  # also completes an interrupted one
+    """Queue the warm start's configs with the study's budget gate held (gate.py): two sweeps
+    warm-starting one study at once queue them once (the second finds the first's marker), and no
+    worker leases meanwhile."""
+    gate = Gate(url, sid)
+    try:
+        with gate:
+            enqueue(storage, sid, picks, config.space, budget, ws.labels, ws.say)  # also completes an interrupted one
+    finally:
+        gate.close()
 
 
 def stored_config(storage: Any, name: str) -> StudyConfig:
@@ -159,10 +167,10 @@ def run_sweep(config: StudyConfig, settings: Settings | Flags | None = None, *, 
     before = rdb.get_all_trials(sid, deepcopy=False)
     if on_start is not None:
         on_start(before, rdb.get_study_user_attrs(sid).get(keys.N_TRIALS))
-    # Sampler seeds: study seed + worker index, offset by the trials already there, so a fresh
-    # study is reproducible and a continued one does not re-sample its first points.
-    base = len(before)
-    seeded = replace(settings, worker_index=base + (settings.worker_index or 0))
+    # Sampler seeds: study seed + worker index + a stride per process that joined the study before
+    # (lease.open_lease_manager): a fresh study is reproducible, and a continued one or a second
+    # sweep on it does not re-sample the same points.
+    seeded = settings
     if workers <= 1:
         from tuner.engine.worker import run_worker  # torch: not for a supervisor of worker processes
 
@@ -201,10 +209,6 @@ def run_worker_processes(settings: Settings, name: str, workers: int, *, handle_
     if on_start is not None:
         before = retry(lambda: rdb.get_all_trials(sid, deepcopy=False))
         on_start(before, retry(lambda: rdb.get_study_user_attrs(sid)).get(keys.N_TRIALS))
-    if settings.worker_index is None:
-        # Sampler seeds: the same random base for this machine's processes (+0, +1, ...), so that
-        # machines running this command on one study do not all sample the same points.
-        settings = replace(settings, worker_index=random.SystemRandom().randrange(1, 2**20))
     ran = _run_processes(settings, name, workers, rdb, on_poll, handle_signals)
     result = retry(lambda: summarize(rdb, name, target, time.time() - started, ran))
     _publish(rdb, name, result.trials)

@@ -9,6 +9,8 @@ Study user attrs
     `tuner_checkpoints`  {"keep": "none" | "best"}: the checkpoint policy
     `tuner_verify:N:S`   one `tuner verify` record: trial N retrained with seed S
     `tuner_warm_start`   the warm start done when the study was created (sources, queued configs)
+    `tuner_joined`       worker processes that have joined the study (seeds their samplers apart)
+    `tuner_grace_period` the heartbeat grace period every worker judges stale trials by
 
 Trial user attrs (what `tuner` writes about each trial)
     `params` `env` `history` `seconds` `epochs` `diverged` `diverged_at` `error`
@@ -41,6 +43,8 @@ CHECKPOINTS = "tuner_checkpoints"
 VERIFY_PREFIX = "tuner_verify:"  # + f"{trial}:{seed}"
 VERIFY_LEGACY = "tuner_verify"  # one dict of all records (before per-record keys); still read
 WARM_STARTED = "tuner_warm_start"  # {"sources": [...], "queued": [[study, trial], ...]}: warm-started once
+JOINED = "tuner_joined"  # how many worker processes have joined the study (each one's sampler seed differs)
+GRACE = "tuner_grace_period"  # seconds without a heartbeat before any worker fails a trial: >= 2 × every interval
 
 
 # -- trial user attrs --------------------------------------------------------------------------
