@@ -36,14 +36,27 @@ def test_curve_helpers():
     assert summary["y"]["epochs_to_within_1pt_median"] == 6
 
 
-def test_smoke_run_of_every_strategy(tmp_path):
+KINDS = ["tpe+median", "staged", "warm", "tpe+asha", "pbt"]  # one strategy of each kind the harness builds
+
+
+def test_the_strategies():
+    from benchmarks.search import modes, strategies
+
+    assert list(strategies(modes("synthetic")["smoke"])) == [
+        "tpe+median", "tpe+median/aware", "random+median", "qmc+median", "staged", "warm", "tpe+asha",
+        "random+asha", "tpe+hyperband", "pbt", "pbt/sampler"]
+
+
+def test_smoke_run_of_each_kind_of_strategy(tmp_path):
+    """A pruned search, a staged one, a warm start, another pruner and a population (the other
+    strategies differ from these only by sampler or pruner name)."""
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), "--smoke", "--out", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), "--smoke", "--out", str(out),
+                          "--only", ",".join(KINDS)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(run.stdout.strip().splitlines()[-1])
     names = list(record["strategies"])
-    assert names == ["tpe+median", "tpe+median/aware", "random+median", "qmc+median", "staged", "warm"]
+    assert names == KINDS
     for name in names:
         assert f"| {name} |" in run.stdout  # the table
         s = record["strategies"][name]
