@@ -144,6 +144,8 @@ class Timings:
         self.lease: list[float] = []  # seconds inside lease() that returned a trial
         self.lease_none: list[float] = []  # lease() that returned None (budget used, or waiting)
         self.gate_wait: list[float] = []  # acquiring the gate inside lease()
+        self.hold: list[float] = []  # a lease that returned a trial, less its wait for the gate
+        self.waited = 0.0  # the gate waits of the lease() in progress
         self.tell: list[float] = []
         self.tell_end: list[float] = []  # time.time() at the end of each tell
         self.report: list[float] = []
@@ -179,12 +181,15 @@ def instrument(m: Any, t: Timings) -> None:
 
     def timed_lease() -> Any:
         t0 = time.perf_counter()
-        t.in_lease = True
+        t.in_lease, t.waited = True, 0.0
         try:
             out = lease()
         finally:
             t.in_lease = False
-        (t.lease if out is not None else t.lease_none).append(time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        (t.lease if out is not None else t.lease_none).append(spent)
+        if out is not None:
+            t.hold.append(spent - t.waited)
         return out
 
     def timed_tell(trial: Any, outcome: Any) -> None:
@@ -198,6 +203,7 @@ def instrument(m: Any, t: Timings) -> None:
         acquire()
         if t.in_lease:
             t.gate_wait.append(time.perf_counter() - t0)
+            t.waited += t.gate_wait[-1]
 
     def counted_sleep(seconds: float) -> None:
         t.retries += 1
@@ -276,7 +282,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         th.join()
     cpu = _cpu_self() - cpu0
     shutil.rmtree(tmp, ignore_errors=True)
-    keys = ("lease", "lease_none", "gate_wait", "tell", "tell_end", "report", "beat")
+    keys = ("lease", "lease_none", "gate_wait", "hold", "tell", "tell_end", "report", "beat")
     return {
         **{key: [x for t in timings for x in getattr(t, key)] for key in keys},
         "beat_errors": sum(t.beat_errors for t in timings), "retries": sum(t.retries for t in timings),
@@ -475,7 +481,8 @@ def run_n(n: int, args: argparse.Namespace, pool: Any, mgr: Any, url: str, admin
     server_cpu = sampler.stop()
     after_load = load_average()
     merged: dict[str, Any] = {key: [x for r in results for x in r[key]]
-                              for key in ("lease", "lease_none", "gate_wait", "tell", "tell_end", "report", "beat")}
+                              for key in ("lease", "lease_none", "gate_wait", "hold", "tell", "tell_end", "report",
+                                          "beat")}
     errors = [e for r in results for e in r["errors"]]
     workers_cpu = sum(r["cpu_s"] for r in results)
     ends = sorted(merged["tell_end"])
@@ -485,8 +492,7 @@ def run_n(n: int, args: argparse.Namespace, pool: Any, mgr: Any, url: str, admin
     if told >= 20:
         lo, hi = ends[told // 10], ends[(told * 9) // 10]
         steady = ((told * 9) // 10 - told // 10) / (hi - lo) if hi > lo else None
-    # the gate held: every lease() (None ones too) less its wait for the lock
-    gate_busy = sum(merged["lease"]) + sum(merged["lease_none"]) - sum(merged["gate_wait"])
+    gate_busy = sum(merged["hold"])  # the gate held by the leases that returned a trial
     storage = open_storage(url)
     try:
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
@@ -501,7 +507,7 @@ def run_n(n: int, args: argparse.Namespace, pool: Any, mgr: Any, url: str, admin
         "epochs": args.epochs, "epoch_ms": args.epoch_ms, "heartbeat_interval_s": args.heartbeat_interval,
         "trials_told": told, "wall_s": round(wall, 2), "window_s": _r(window),
         "trials_per_s": _r(told / window if window else None), "trials_per_s_steady": _r(steady),
-        "lease_ms": ms(merged["lease"]), "gate_wait_ms": ms(merged["gate_wait"]),
+        "lease_ms": ms(merged["lease"]), "gate_wait_ms": ms(merged["gate_wait"]), "gate_hold_ms": ms(merged["hold"]),
         "lease_none": len(merged["lease_none"]), "tell_ms": ms(merged["tell"]), "report_ms": ms(merged["report"]),
         "heartbeat_ms": ms(merged["beat"]),
         "gate_busy_fraction": _r(gate_busy / window if window else None, nd=3),
