@@ -19,16 +19,17 @@ managers; what serializes every lease study-wide is the PostgreSQL advisory lock
 threads and processes alike.
 
 Per N: trials per second study-wide (told ÷ the time from the start to the last tell, and the
-steady rate between the 10th and 90th percentile tell), p50/p99 of the time inside `lease()` (and
-of the wait for the gate within it), of `tell`, of one `report` write and of one heartbeat;
-the gate's busy fraction (Σ lease time with the gate held ÷ the window: near 1 the gate is the
-bottleneck); the peak of `pg_stat_activity` rows for the benchmark's database (sampled every
-0.25 s) and for the whole server; errors (a manager that could not open, a worker loop that
-raised, transient errors retried by `storage.Retry`, failed heartbeats), whether the deadline
-(`--max-seconds`) cut the run short, and the study's trial states afterwards (the budget is exact:
-`n_trials` trials, no more). CPU: cores used by the worker processes, by the PostgreSQL backends
-of the benchmark's database (from /proc, sampled with the connections), and by everything else
-(`other_processes_cpu_cores`), plus the 1-minute load average before and after.
+steady rate between the 10th and 90th percentile tell), p50/p99 of the time inside `lease()`, of
+the wait for the gate within it and of the time it held the gate (`gate_hold_ms`), of `tell`, of
+one `report` write and of one heartbeat; the gate's busy fraction (Σ hold of the leases that
+returned a trial ÷ the window: near 1 the gate is the bottleneck); the peak of `pg_stat_activity`
+rows for the benchmark's database (sampled every 0.25 s) and for the whole server; errors (a
+manager that could not open, a worker loop that raised, transient errors retried by
+`storage.Retry`, failed heartbeats), whether the deadline (`--max-seconds`) cut the run short, and
+the study's trial states afterwards (the budget is exact: `n_trials` trials, no more). CPU: cores
+used by the worker processes, by the PostgreSQL backends of the benchmark's database (from /proc,
+sampled with the connections), and by everything else (`other_processes_cpu_cores`), plus the
+1-minute load average before and after.
 
 **Connections.** A worker holds about three: its gate connection, and the pool connections of its
 main thread and its heartbeat thread. PostgreSQL's default `max_connections` is 100, so the shared
