@@ -313,11 +313,27 @@ def table(summary: dict[str, dict[str, Any]], budget: int, top: float, mode_name
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
+def anytime(runs: dict[str, list[Run]], marks: tuple[int, ...]) -> str:
+    """The anytime curves as a table: mean over seeds of the best val accuracy once `mark` epochs were
+    trained ("—" where a seed had found nothing by then)."""
+    cols = ("strategy", *(f"{m} epochs" for m in marks))
+    rows = [cols, tuple("---" for _ in cols)]
+    for name, rs in runs.items():
+        cells = []
+        for m in marks:
+            vals = [best_at(r, m) for r in rs]
+            cells.append(fmt(statistics.fmean(v for v in vals if v is not None), 4)
+                         if all(v is not None for v in vals) else "—")
+        rows.append((name, *cells))
+    return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows) + "\n"
+
+
 def curves_html(runs: dict[str, list[Run]], path: Path, title: str) -> None:
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000")
     for i, (name, rs) in enumerate(runs.items()):
         color = palette[i % len(palette)]
         grid = sorted({e for r in rs for e, _ in r.curve})
@@ -401,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[name].update(retrain_winner(rs))
     wall = time.perf_counter() - started
     text = table(summary, budget, top, mode_name, mode)
+    full = mode.trials * mode.epochs
+    marks = tuple(sorted({max(1, full // 8), full // 4, full // 2, 3 * full // 4, full}))
+    text += "\nanytime: mean best val accuracy after E epochs trained\n\n" + anytime(runs, marks)
     title = (f"Best validation accuracy against epochs trained ({mode_name}: {mode.trials} trials × "
              f"{mode.epochs} epochs)")
     curves_html(runs, out / "search-curves.html", title)
