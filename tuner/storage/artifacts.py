@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -211,9 +211,9 @@ class S3Store:
         with self._errors(f"writing {artifact_id}"):
             if isinstance(source, (str, Path)):
                 with open(source, "rb") as fh:
-                    self.backend.write(key, fh)
+                    self.backend.write(key, _kept_open(fh))
             else:
-                self.backend.write(key, source)
+                self.backend.write(key, _kept_open(source))
 
     def copy_to(self, artifact_id: str, target: Path) -> None:
         key = self.key(artifact_id)
@@ -295,6 +295,27 @@ class S3Store:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+class _KeptOpen:
+    """A stream for an upload that the uploader cannot close. boto3's upload_fileobj (s3transfer)
+    closes its source when an upload fails (a lost connection, an unreachable endpoint); Optuna's
+    Backoff then seeks the source back to 0 to try again, which raised "seek of closed file" and
+    ended the worker instead of retrying. The owner closes the stream itself."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _kept_open(stream: BinaryIO) -> BinaryIO:
+    """`stream` as the BinaryIO that Backoff.write takes, kept open through a failed upload."""
+    return cast(BinaryIO, _KeptOpen(stream))
 
 
 class _OneLineRetries(logging.Filter):
