@@ -21,10 +21,10 @@ environment (`TUNER_WORKER_SETTINGS`, with the storage URL and its password, nev
 | checkpoint store in S3 | `--artifact-store s3://BUCKET/PREFIX` | `TUNER_ARTIFACT_STORE` | | | none (the folder) |
 | checkpoint interval | `--checkpoint-every` | `TUNER_CHECKPOINT_EVERY` | | | 60 s |
 | device | `--device` (`device=`) | | | | auto |
-| sampler seed offset | `--worker-index` (hidden) | | | | 0; plus 1,000,003 × the processes that joined the study before (`tuner_joined`) |
+| sampler seed offset | `--worker-index` (hidden) | | | | 0, + 1,000,003 × processes joined before |
 | timeout | `--timeout` (`timeout=`) | | `timeout:` | `timeout:` of the stored config | none |
 | heartbeat interval | `--heartbeat-interval` | | `heartbeat.interval` | the stored config's | 60 s |
-| heartbeat grace period | | | `heartbeat.grace_period` | the study's `tuner_grace_period`: the largest of the stored config's and twice every joined worker's interval | 2 × interval |
+| heartbeat grace period | | | `heartbeat.grace_period` | `tuner_grace_period`: >= 2 × every interval | 2 × interval |
 | retries of a crashed trial | | | `heartbeat.max_retry` | the stored config's | 3 |
 | checkpoints of finished trials | `--keep-checkpoints` | | | `tuner_checkpoints.keep` | none |
 | trials per pack | `--pack` (K or auto) | | `training.pack` | the stored config's | auto (1 on a CPU) |
