@@ -388,3 +388,51 @@ def test_partitioned_and_killed_hosts_trials_resume_elsewhere_and_none_runs_twic
     for number in cut_numbers:  # A's workers came back, found their trials taken over and went on
         assert f"trial {number} was failed by another worker" in a_err, a_err
     assert s3.keys() == []  # all finished: every checkpoint object removed
+
+
+@pytest.mark.timeout(180)
+def test_a_gate_holder_cut_off_from_the_database_loses_the_gate(cluster: Cluster, pg_url: str,
+                                                               tmp_path: Path) -> None:
+    """A process on host A takes a study's budget gate and is then cut off mid-hold. The forwarder
+    keeps its TCP connection to PostgreSQL open (as a proxy or NAT would), so only the server's limit
+    on a silent holder (gate.HOLD_LIMIT_S, 3 s here) lets a worker elsewhere take the gate."""
+    from tuner.engine.gate import Gate
+    from tuner.storage.database import StorageURL
+
+    a = cluster.hosts["a"]
+    holder_url = cluster.storage_url(pg_url, a)
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "import sys, time\n"
+        "import tuner.engine.gate as gate\n"
+        "from tuner.storage.database import StorageURL\n"
+        "gate.HOLD_LIMIT_S = 3.0\n"
+        f"g = gate.Gate(StorageURL.parse({holder_url!r}), 7)\n"
+        "g.acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNER_")}
+    holder = subprocess.Popen(["ip", "netns", "exec", a.ns, sys.executable, str(script)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held", holder.stderr
+        a.partition()
+        other = Gate(StorageURL.parse(pg_url), 7)
+        took: list[float] = []
+        started = time.monotonic()
+
+        def take() -> None:
+            other.acquire()
+            took.append(time.monotonic() - started)
+            other.release()
+
+        thread = threading.Thread(target=take, daemon=True)
+        thread.start()
+        thread.join(40)
+        assert took, "the gate was still held 40 s after its holder was cut off"
+        assert took[0] >= 2.0  # it was held: the other worker waited for the server to end the holder's session
+        other.close()
+    finally:
+        a.heal()
+        holder.kill()
+        holder.wait()

@@ -9,7 +9,9 @@ and a retry copy is made at most once.
 | PostgreSQL | `pg_advisory_lock(0x74756e65, study_id)` on the worker's own connection | the connection |
 | MySQL | `GET_LOCK('tuner-<study_id>', -1)` on the worker's own connection | the connection |
 
-A lock that lives on a connection is lost when the server restarts. `held()` pings that
+A lock that lives on a connection is lost when the server restarts. On PostgreSQL a holder that
+falls silent (a network partition, a frozen host) loses the gate after `HOLD_LIMIT_S` (30 s): the
+server ends its idle session, so the other workers do not stall until the partition heals. `held()` pings that
 connection; the worker checks it after it created a trial, and `reacquire()` takes the lock again
 before it re-reads the study (see worker.py).
 """
@@ -26,6 +28,9 @@ import sqlalchemy as sa
 from tuner.storage.database import StorageURL
 
 PG_CLASS = 0x74756E65  # 'tune': the first key of tuner's advisory locks
+# PostgreSQL: the longest a gate holder's session may stay silent before the server ends it (and
+# releases the gate); a lease holds the gate for milliseconds, seconds under heavy load
+HOLD_LIMIT_S = 30.0
 
 
 class Gate:
@@ -75,7 +80,13 @@ class Gate:
             return
         conn = self._connection()
         if self.url.backend == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_lock(:a, :b)"), {"a": PG_CLASS, "b": self.study_id})
+            # While the gate is held its session sits idle (the worker's queries go through its other
+            # connections). A holder that falls silent (cut off by a network partition, a host lost or
+            # frozen) would otherwise stall every worker of the study until its TCP connection died,
+            # which a proxy or NAT in between can delay indefinitely: the server ends a session idle
+            # longer than HOLD_LIMIT_S while it holds the gate, and with it the lock.
+            conn.execute(sa.text("SELECT set_config('idle_session_timeout', :t, false), pg_advisory_lock(:a, :b)"),
+                         {"t": f"{int(HOLD_LIMIT_S * 1000)}ms", "a": PG_CLASS, "b": self.study_id})
         else:
             conn.execute(sa.text("SELECT GET_LOCK(:n, -1)"), {"n": f"tuner-{self.study_id}"})
 
@@ -89,8 +100,9 @@ class Gate:
         if self._conn is None:
             return
         try:
-            if self.url.backend == "postgresql":
-                self._conn.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": PG_CLASS, "b": self.study_id})
+            if self.url.backend == "postgresql":  # idle between leases for as long as a trial trains: no limit
+                self._conn.execute(sa.text("SELECT pg_advisory_unlock(:a, :b), set_config('idle_session_timeout', "
+                                           "'0', false)"), {"a": PG_CLASS, "b": self.study_id})
             elif self.url.backend == "mysql":
                 self._conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": f"tuner-{self.study_id}"})
         except Exception:  # noqa: BLE001 - a dead connection has released the lock already
