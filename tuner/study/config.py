@@ -11,7 +11,7 @@
     n_trials: 16                   # counts all trials of the study, across workers
     timeout: null                  # seconds, per sweep run
     sampler: {name: tpe}           # or just `sampler: tpe`; `options:` pass through to Optuna
-    pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}  # schedule_aware: false
+    pruner: successive_halving     # the defaults (below 10 trials: qmc and median); see default_search
     storage: null                  # optional SQLAlchemy URL
     heartbeat: {interval: 60}      # optional: interval, grace_period, max_retry
     training: {val_fraction: 0.1}  # optional: val_fraction, augment, precision, compile, image_size
@@ -75,7 +75,7 @@ class StudyConfig:
     training: TrainingParams  # the budget: dataset, model, epochs, batch size, seed
     direction: str = "maximize"
     sampler: Component = field(default_factory=lambda: Component("tpe"))
-    pruner: Pruner = field(default_factory=lambda: Pruner("median"))
+    pruner: Pruner = field(default_factory=lambda: Pruner("successive_halving"))
     n_trials: int | None = 20
     timeout: float | None = None
     storage: str | None = None
@@ -110,6 +110,17 @@ class StudyConfig:
 
 
 TOP_KEYS = allowed("")  # every key is described in tuner.study.schema.STUDY_FILE
+SMALL_STUDY = 10  # trials: below this the defaults are QMC + median (TPE would still be in its start-up)
+
+
+def default_search(n_trials: int | None) -> tuple[str, str]:
+    """The sampler and pruner of a study file that names none, chosen by budget from the full run of
+    benchmarks/search.py (docs/search.md): TPE with successive halving (ASHA) was best from about 10
+    trials' epochs on; below that, while TPE still samples at random, scrambled Halton (QMC) with the
+    median pruner was ahead."""
+    if n_trials is not None and n_trials < SMALL_STUDY:
+        return "qmc", "median"
+    return "tpe", "successive_halving"
 
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
@@ -150,7 +161,8 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
                                       f"to {total}")
         n_trials = total
     population = None
-    pruner = _pruner(c, PRUNERS)
+    default_sampler, default_pruner = default_search(n_trials)
+    pruner = _pruner(c, PRUNERS, default_pruner)
     if strategy == "pbt":
         if c.has("pruner") and pruner.name != "none":
             raise c.error("pruner", f"is {pruner.name}, but strategy: pbt replaces pruning (weak members copy "
@@ -171,7 +183,7 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         direction=c.str("direction", "maximize", choices=DIRECTIONS),
         training=training,
         space=space,
-        sampler=_component(c, "sampler", "tpe", SAMPLERS),
+        sampler=_component(c, "sampler", default_sampler, SAMPLERS),
         pruner=pruner,
         n_trials=n_trials,
         timeout=timeout,
@@ -184,9 +196,9 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     )
 
 
-def _pruner(c: Checker, registry: dict[str, Any]) -> Pruner:
-    raw = c.raw("pruner", "median")
-    base = _component(c, "pruner", "median", registry)
+def _pruner(c: Checker, registry: dict[str, Any], default: str) -> Pruner:
+    raw = c.raw("pruner", default)
+    base = _component(c, "pruner", default, registry)
     aware = False
     if isinstance(raw, dict):
         aware = Checker(raw, file=c.file, prefix="pruner", allowed=allowed("pruner")).bool(
