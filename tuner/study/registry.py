@@ -19,6 +19,7 @@ def _tpe(seed: int | None, **opts: Any) -> samplers.BaseSampler:
 def _qmc(seed: int | None, **opts: Any) -> samplers.BaseSampler:
     opts.setdefault("qmc_type", "halton")
     opts.setdefault("scramble", True)
+    opts.setdefault("warn_independent_sampling", False)  # a conditional knob (clip_threshold) is drawn at random
     return samplers.QMCSampler(seed=seed, **opts)
 
 
