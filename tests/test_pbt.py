@@ -135,7 +135,7 @@ def test_plan_starts_every_member_then_exploits_or_continues():
 
 
 def test_plan_with_sampler_explore_leaves_the_mutable_knobs_to_the_sampler():
-    config = parse_study(pbt_study(population={"size": 4, "interval": 1, "explore": "sampler"}))
+    config = parse_study(pbt_study(sampler="tpe", population={"size": 4, "interval": 1, "explore": "sampler"}))
     gen0 = [segment(i, i, 0, 0.1 * (i + 1), lr=0.002 * (i + 1)) for i in range(4)]
     worst = pbt.plan(config, gen0)
     assert worst is not None and worst.parent == 3 and worst.fixed == {"schedule": "cosine"}
@@ -409,3 +409,14 @@ def test_export_then_train_replays_the_winner_on_the_real_subset(tmp_path, subse
     lineage_lr = [rec["lr"] for rec in winner.user_attrs[keys.HISTORY]]
     assert [rec["lr"] for rec in out["history"]] == pytest.approx(lineage_lr, rel=1e-6)
     assert abs(out["val_accuracy"] - winner.value) <= 0.01, (out["val_accuracy"], winner.value)
+
+
+def test_sampler_explore_needs_a_sampler_that_learns(tmp_path, capsys):
+    data = {k: v for k, v in pbt_study(population={"size": 4, "interval": 1, "explore": "sampler"}).items()
+            if k != "sampler"}
+    assert parse_study(data).sampler.name == "tpe"  # the default for a population that asks its sampler
+    assert parse_study({k: v for k, v in pbt_study().items() if k != "sampler"}).sampler.name == "qmc"
+    path = write(tmp_path, pbt_study(sampler="qmc", population={"size": 4, "interval": 1, "explore": "sampler"}))
+    code, _, err = cli_main(capsys, "sweep", str(path), "--storage", f"sqlite:///{tmp_path / 's.db'}")
+    assert code == 2 and "sampler" in err and "does not learn from results" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.db").exists()

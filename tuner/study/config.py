@@ -114,6 +114,7 @@ TOP_KEYS = allowed("")  # every key is described in tuner.study.schema.STUDY_FIL
 # benchmarks/search.py (docs/search.md): the winners re-trained on new seeds scored best, at every
 # budget, with QMC (or random) sampling and the median pruner.
 DEFAULT_SAMPLER, DEFAULT_PRUNER = "qmc", "median"
+LEARNING_SAMPLERS = ("tpe", "gp", "cmaes")  # samplers that model earlier results
 
 
 def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
@@ -170,12 +171,17 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         n_trials = total
     elif c.has("population"):
         raise c.error("population", "needs strategy: pbt")
+    learns = population is not None and population.explore == "sampler"  # PB2's idea: a sampler that models results
+    sampler = _component(c, "sampler", "tpe" if learns else DEFAULT_SAMPLER, SAMPLERS)
+    if learns and sampler.name not in LEARNING_SAMPLERS:
+        raise c.error("sampler", f"is {sampler.name}, which does not learn from results; population.explore: sampler "
+                                 f"needs one that does ({', '.join(LEARNING_SAMPLERS)}; tpe when sampler is left out)")
     return StudyConfig(
         name=c.str("name", None),
         direction=c.str("direction", "maximize", choices=DIRECTIONS),
         training=training,
         space=space,
-        sampler=_component(c, "sampler", DEFAULT_SAMPLER, SAMPLERS),
+        sampler=sampler,
         pruner=pruner,
         n_trials=n_trials,
         timeout=timeout,
