@@ -148,12 +148,8 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
     stages = parse_stages(c.raw("stages"), space, file=file)
     if stages:
         total = sum(s.trials for s in stages)
-        if c.has("n_trials") and n_trials != total:
-            given = "null" if n_trials is None else n_trials
-            raise c.error("n_trials", f"is {given}, but the stages add up to {total} trials "
-                                      f"({' + '.join(str(s.trials) for s in stages)}): leave n_trials out, or set it "
-                                      f"to {total}")
-        n_trials = total
+        n_trials = _fixed_budget(c, n_trials, total, f"the stages add up to {total} trials "
+                                                     f"({' + '.join(str(s.trials) for s in stages)})")
     population = None
     pruner = _pruner(c, PRUNERS, DEFAULT_PRUNER)
     if strategy == "pbt":
@@ -162,13 +158,10 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
                                     "strong ones): leave pruner out, or set it to none")
         pruner = Pruner("none")
         population = parse_population(c.raw("population"), space, training.epochs, file=file)
-        total = population.size * population.segments(training.epochs)
-        if c.has("n_trials") and n_trials != total:
-            given = "null" if n_trials is None else n_trials
-            raise c.error("n_trials", f"is {given}, but a population of {population.size} × "
-                                      f"{population.segments(training.epochs)} segments is {total} trials: leave "
-                                      f"n_trials out, or set it to {total}")
-        n_trials = total
+        segments = population.segments(training.epochs)
+        total = population.size * segments
+        n_trials = _fixed_budget(c, n_trials, total, f"a population of {population.size} × {segments} segments "
+                                                     f"is {total} trials")
     elif c.has("population"):
         raise c.error("population", "needs strategy: pbt")
     learns = population is not None and population.explore == "sampler"  # PB2's idea: a sampler that models results
@@ -192,6 +185,15 @@ def parse_study(data: Any, *, file: str | None = None) -> StudyConfig:
         stages=stages,
         population=population,
     )
+
+
+def _fixed_budget(c: Checker, n_trials: int | None, total: int, why: str) -> int:
+    """The budget of a study whose structure fixes it (stages, a population): `total`; an n_trials
+    the file gives otherwise is refused, saying `why`."""
+    if c.has("n_trials") and n_trials != total:
+        given = "null" if n_trials is None else n_trials
+        raise c.error("n_trials", f"is {given}, but {why}: leave n_trials out, or set it to {total}")
+    return total
 
 
 def _pruner(c: Checker, registry: dict[str, Any], default: str) -> Pruner:
