@@ -203,3 +203,49 @@ def test_concurrent_warm_starts_queue_each_config_once(tmp_path, monkeypatch):
     trials = optuna.load_study(study_name="small", storage=url).get_trials(deepcopy=False)
     assert len(trials) == 3, [(t.number, t.params) for t in trials]
     assert keys.budget_used(trials) <= 6
+
+
+def _race_plain_optuna(url: str) -> list[BaseException]:
+    """Two tuner opens and a plain `RDBStorage(url)` at the same moment: tuner's errors."""
+    import threading
+
+    import optuna
+
+    from tuner.storage.database import open_storage
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def ours() -> None:
+        try:
+            start.wait()
+            open_storage(url).engine.dispose()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    def plain() -> None:
+        start.wait()
+        try:
+            optuna.storages.RDBStorage(url).engine.dispose()
+        except Exception:  # noqa: BLE001 - plain Optuna may lose the race itself; tuner must not
+            pass
+
+    threads = [threading.Thread(target=f) for f in (ours, ours, plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_tuner_opens_a_fresh_database_beside_a_plain_optuna_creator(tmp_path, request, backend):
+    """A plain Optuna process (or optuna-dashboard) creating the tables at the same moment does not
+    take tuner's schema lock; tuner's open tries again when the failure reads like that race."""
+    for round_ in range(3):
+        if backend == "postgresql":
+            url = request.getfixturevalue("pg_url") if round_ == 0 else _fresh_pg(request)
+        else:
+            url = f"sqlite:///{tmp_path / f'plain{round_}.db'}"
+        errors = _race_plain_optuna(url)
+        assert not errors, f"round {round_}: {errors}"

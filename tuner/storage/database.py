@@ -138,9 +138,7 @@ def open_storage(url: str | StorageURL, *, must_exist: bool = False, heartbeat_i
     if target.url in _CHECKED:
         kwargs["skip_compatibility_check"] = True  # a public RDBStorage argument
     try:
-        with warnings.catch_warnings(), schema_lock(target):
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(target.url, engine_kwargs=target.engine_kwargs(), **kwargs)
+        storage = _create(target, kwargs)
     except ModuleNotFoundError as exc:
         raise StorageError(f"storage {target.shown}: driver {exc.name!r} is not installed "
                            "(pip install 'tuner[postgres]' for PostgreSQL)") from None
@@ -153,6 +151,25 @@ def open_storage(url: str | StorageURL, *, must_exist: bool = False, heartbeat_i
         storage.engine.dispose()  # the connections that created the tables predate the listener
     _ENGINES.add(storage.engine)
     return storage
+
+
+SCHEMA_RACE = ("already exists", "duplicate key", "unique constraint failed")  # two creators of one schema
+
+
+def _create(target: StorageURL, kwargs: dict[str, Any]) -> Any:
+    """`RDBStorage(...)` under the schema lock. Processes that do not take the lock (plain Optuna,
+    optuna-dashboard) can still race on a fresh database's tables: a failure that reads like that
+    race is tried again, a few times, once the other creator has had time to finish."""
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings(), schema_lock(target):
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(target.url, engine_kwargs=target.engine_kwargs(), **kwargs)
+        except sa.exc.SQLAlchemyError as exc:
+            if attempt == 3 or not any(m in str(exc).lower() for m in SCHEMA_RACE):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 SCHEMA_LOCK = (0x74756E65, 0)  # PostgreSQL advisory lock keys: 'tune', 0 (the gate uses 'tune', study id >= 1)
