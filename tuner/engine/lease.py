@@ -189,9 +189,9 @@ class LeaseManager:
             self.refresh_grace()
             optuna.storages.fail_stale_trials(self.study)
             self.stale_checked = time.monotonic()
-        trials = self.reconcile(self.trials())
-        waiting = {t.number for t in trials if t.state == TrialState.WAITING}
         cap = self.budget()
+        trials = self.reconcile(self.trials(), cap)
+        waiting = {t.number for t in trials if t.state == TrialState.WAITING}
         fresh = None
         stage = None
         segment = None
@@ -276,7 +276,7 @@ class LeaseManager:
             value = self.config.n_trials
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    def reconcile(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    def reconcile(self, trials: list[FrozenTrial], cap: int | None = None) -> list[FrozenTrial]:
         """With the gate held: void duplicate queue entries, fail orphans, add missing retry
         copies. Idempotent. Returns the study's trials after the changes."""
         changed = False
@@ -297,7 +297,7 @@ class LeaseManager:
                 # popped, then its worker died before the first heartbeat
                 self._fail(t)
                 changed = True
-        cap = self.budget()
+        cap = self.budget() if cap is None else cap
         surplus = keys.budget_used(trials) - cap if cap is not None else 0
         if surplus > 0:  # queued past the budget (configs enqueued by hand, a budget lowered): void the newest
             extra = [t for t in sorted(trials, key=lambda t: -t.number)
